@@ -1,0 +1,273 @@
+"""``fastres.convert``: find the ResNet parts of a model and swap in fused modules, on the instance.
+
+Patterns, matched parent first:
+- torchvision ``BasicBlock`` / ``Bottleneck`` → ``FusedBasicBlock`` / ``FusedBottleneck``;
+- torchvision ``ResNet`` stem (conv1, bn1, relu, maxpool) → ``FusedStem``; its avgpool → ``FusedHead``;
+- Conv2d → BatchNorm2d (→ ReLU) runs inside an ``nn.Sequential`` → ``FusedConvBNAct2d``.
+Everything else is left exactly as it was; converting twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from fastres.fold import bn_fold_reason
+from fastres.modules import (
+    FoldedBatchNorm2d,
+    FusedBasicBlock,
+    FusedBottleneck,
+    FusedConvBNAct2d,
+    FusedHead,
+    FusedStem,
+    _FusedBlock,
+    _PassThroughWhenFused,
+    block_fuse_reason,
+    conv_fold_reason,
+    pool_fuse_reason,
+)
+
+try:
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+except ImportError:  # pragma: no cover
+    BasicBlock = Bottleneck = ResNet = None
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class Entry:
+    path: str
+    original: str
+    result: str  # what it became, or "left"
+    detail: str = ""
+    convs: int = 0  # convolutions this entry fused
+
+
+@dataclass
+class Report:
+    """What ``convert`` swapped and what it left, and why. ``str(report)`` is a table."""
+
+    entries: list[Entry] = field(default_factory=list)
+    convs_total: int = 0
+
+    @property
+    def convs_fused(self) -> int:
+        return sum(e.convs for e in self.entries)
+
+    @property
+    def fused(self) -> list[Entry]:
+        return [e for e in self.entries if e.result != "left"]
+
+    @property
+    def left(self) -> list[Entry]:
+        return [e for e in self.entries if e.result == "left"]
+
+    def add(self, path, module, result, detail="", convs=0) -> None:
+        self.entries.append(Entry(path or "(root)", type(module).__name__, result, detail, convs))
+
+    def __str__(self) -> str:
+        rows = [("module", "original", "became", "detail")]
+        rows += [(e.path, e.original, e.result, e.detail) for e in self.entries]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+        lines.insert(1, "-" * (sum(widths) + 10))
+        lines.append(f"convolutions fused: {self.convs_fused} / {self.convs_total}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"convs_fused": self.convs_fused, "convs_total": self.convs_total,
+                "entries": [vars(e) for e in self.entries]}
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _is_plain_sequential(m: nn.Module) -> bool:
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+
+
+def _is_torchvision_resnet(m: nn.Module) -> bool:
+    return (ResNet is not None and isinstance(m, ResNet) and type(m).forward is ResNet.forward
+            and type(m)._forward_impl is ResNet._forward_impl)
+
+
+class _Walker:
+    def __init__(self, filter_fn: FilterFn | None, apply: bool) -> None:
+        self.filter_fn = filter_fn
+        self.apply = apply
+        self.report = Report()
+
+    def allowed(self, module: nn.Module, path: str) -> bool:
+        return self.filter_fn is None or bool(self.filter_fn(module, path))
+
+    def visit(self, module: nn.Module, path: str) -> None:
+        if isinstance(module, _FusedBlock):
+            self.report.add(path, module, type(module).__name__, "already fused",
+                            convs=len(module._convs) + int(module._downsample_fusable()))
+            return
+        if BasicBlock is not None and type(module) in (BasicBlock, Bottleneck):
+            if self.block(module, path):
+                return
+        if _is_torchvision_resnet(module):
+            self.resnet(module, path)
+        recorded = self.sequential(module, path) if _is_plain_sequential(module) else set()
+        for name, child in module.named_children():
+            if isinstance(child, (FusedConvBNAct2d, _PassThroughWhenFused, FusedHead)) or name in recorded:
+                continue  # recorded by the pattern that made them
+            if type(child) is nn.Conv2d:
+                self.report.add(_join(path, name), child, "left", "not followed by BatchNorm2d in a Sequential "
+                                "or a ResNet block/stem")
+                continue
+            self.visit(child, _join(path, name))
+
+    def block(self, block: nn.Module, path: str) -> bool:
+        cls = FusedBottleneck if type(block) is Bottleneck else FusedBasicBlock
+        reason = block_fuse_reason(block)
+        if reason is None and not self.allowed(block, path):
+            reason = "excluded by filter_fn"
+        if reason:
+            self.report.add(path, block, "left", reason)
+            return False
+        if not self.apply:
+            self.unapplied(path, block)
+            return False
+        new = cls.from_module(block)
+        new._fastres_name = path
+        ds = "" if block.downsample is None else (
+            ", downsample conv+bn fused" if new._downsample_fusable() else ", downsample kept as is")
+        self.report.add(path, block, cls.__name__, f"{len(cls._convs)} fused conv kernels{ds}",
+                        convs=len(cls._convs) + int(new._downsample_fusable()))
+        self.replace(path, new)
+        return True
+
+    def resnet(self, model: nn.Module, path: str) -> None:
+        stem = model.conv1
+        if isinstance(stem, FusedStem):
+            self.report.add(_join(path, "conv1"), stem, "FusedStem", "already fused", convs=1)
+        else:
+            reason = conv_fold_reason(stem) or bn_fold_reason(model.bn1)
+            if reason is None and type(model.relu) is not nn.ReLU:
+                reason = f"stem activation {type(model.relu).__name__} is not ReLU"
+            if reason is None and not self.allowed(stem, _join(path, "conv1")):
+                reason = "excluded by filter_fn"
+            if reason:
+                self.report.add(_join(path, "conv1"), stem, "left", reason)
+            elif not self.apply:
+                self.unapplied(_join(path, "conv1"), stem)
+            else:
+                pool = model.maxpool if pool_fuse_reason(model.maxpool) is None else None
+                new = FusedStem.from_modules(stem, model.bn1, model.relu, pool)
+                new._fastres_name = _join(path, "conv1")
+                detail = "conv+bn+relu kernel" + (", max-pool kernel" if pool is not None else "")
+                self.report.add(_join(path, "conv1"), stem, "FusedStem", detail, convs=1)
+                model.conv1 = new
+                model.bn1 = new.folded_bn
+                model.relu = new.folded_act
+                if pool is not None:
+                    model.maxpool = new._pool
+        head = model.avgpool
+        if isinstance(head, FusedHead):
+            self.report.add(_join(path, "avgpool"), head, "FusedHead", "already fused")
+        elif type(head) is nn.AdaptiveAvgPool2d and self.allowed(head, _join(path, "avgpool")):
+            if not self.apply:
+                self.unapplied(_join(path, "avgpool"), head)
+            else:
+                self.report.add(_join(path, "avgpool"), head, "FusedHead", "global-avg-pool kernel; fc stays Linear")
+                model.avgpool = FusedHead.from_module(head)
+        else:
+            self.report.add(_join(path, "avgpool"), head, "left", "not AdaptiveAvgPool2d or filtered out")
+
+    def sequential(self, seq: nn.Sequential, path: str) -> set[str]:
+        recorded: set[str] = set()
+        names = list(seq._modules)
+        i = 0
+        while i < len(names):
+            conv = seq._modules[names[i]]
+            if isinstance(conv, FusedConvBNAct2d):
+                parts = "+".join(["conv", "bn"] + (["relu"] if conv.folded_act is not None else []))
+                self.report.add(_join(path, names[i]), conv, type(conv).__name__, f"{parts}, already fused", 1)
+                i += 1
+                continue
+            if type(conv) is not nn.Conv2d or i + 1 >= len(names):
+                i += 1
+                continue
+            bn = seq._modules[names[i + 1]]
+            reason = conv_fold_reason(conv) or bn_fold_reason(bn)
+            if reason is None and not self.allowed(conv, _join(path, names[i])):
+                reason = "excluded by filter_fn"
+            if reason:
+                self.report.add(_join(path, names[i]), conv, "left", reason)
+                recorded.add(names[i])
+                i += 1
+                continue
+            recorded.add(names[i])
+            if not self.apply:
+                self.unapplied(_join(path, names[i]), conv)
+                i += 1
+                continue
+            act = seq._modules[names[i + 2]] if i + 2 < len(names) else None
+            act_note = ""
+            if act is not None and type(act) is not nn.ReLU:
+                act_note = f"; {type(act).__name__} after it left as is"
+                act = None
+            new = FusedConvBNAct2d.from_modules(conv, bn, act)
+            new._fastres_name = _join(path, names[i])
+            parts = "conv+bn" + ("+relu" if act is not None else "")
+            self.report.add(_join(path, names[i]), conv, "FusedConvBNAct2d", parts + act_note, convs=1)
+            seq._modules[names[i]] = new
+            seq._modules[names[i + 1]] = new.folded_bn
+            if act is not None:
+                seq._modules[names[i + 2]] = new.folded_act
+            i += 3 if act is not None else 2
+        return recorded
+
+    def unapplied(self, path: str, module: nn.Module) -> None:
+        self.report.add(path, module, "left", "fusable, not converted (filtered out, or convert not run)")
+
+    def replace(self, path: str, new: nn.Module) -> None:
+        parent_path, _, name = path.rpartition(".")
+        parent = self.root.get_submodule(parent_path) if parent_path else self.root
+        setattr(parent, name, new)
+
+
+def _count_convs(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def convert(model: nn.Module, *, inplace: bool = False, filter_fn: FilterFn | None = None,
+            verbose: bool = False) -> nn.Module:
+    """Return ``model`` with its ResNet parts swapped for fused modules (a copy unless ``inplace``).
+
+    ``filter_fn(module, fqn) -> bool`` chooses which candidates to swap. The original model is
+    untouched unless ``inplace=True``. ``verbose=True`` prints the report table.
+
+    >>> fast = fastres.convert(torchvision.models.resnet50().eval())     # doctest: +SKIP
+    >>> print(fastres.report(fast))                                      # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastres.convert: expected an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    walker = _Walker(filter_fn, apply=True)
+    walker.root = model
+    if isinstance(model, (BasicBlock, Bottleneck)) and BasicBlock is not None:
+        raise ValueError("fastres.convert: pass the model that contains the block, or use "
+                         "FusedBasicBlock/FusedBottleneck.from_module(block) directly")
+    walker.visit(model, "")
+    if verbose:
+        print(report(model))
+    return model
+
+
+def report(model: nn.Module) -> Report:
+    """What is fused in ``model`` and what was left, and why (a dry run of the matcher)."""
+    walker = _Walker(None, apply=False)
+    walker.root = model
+    walker.visit(model, "")
+    walker.report.convs_total = _count_convs(model)
+    return walker.report

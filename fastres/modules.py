@@ -1,0 +1,384 @@
+"""Drop-in ``nn.Module`` replacements backed by the fused ops.
+
+Two shapes of replacement, both keeping every ``state_dict`` key of the original:
+
+* A block (``FusedBasicBlock``, ``FusedBottleneck``) replaces a torchvision block whole and keeps
+  its children under their names (``conv1``, ``bn1``, …, ``downsample``).
+* A conv → norm → act run among siblings (a ``Sequential``, or ResNet's ``conv1, bn1, relu``)
+  is fused into the conv: the conv becomes ``FusedConvBNAct2d`` (an ``nn.Conv2d`` holding the same
+  parameters), the norm becomes ``FoldedBatchNorm2d`` (the same buffers and parameters) and the
+  activation ``FoldedReLU``. When the fused path runs, the norm and activation pass their input
+  through, because the conv already applied them; otherwise each computes exactly what it did.
+
+The fused path runs in eval mode when no gradient is needed; otherwise every module computes
+exactly what the original computes (batch statistics and running-stat updates in train mode,
+gradients to every parameter), since fused training kernels do not exist yet.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastres import ops
+from fastres.fold import FoldCache, bn_fold_reason, conv_bn_tensors, fold_conv_bn
+from fastres.kernels._common import INTERPRET, SUPPORTED_DTYPES
+
+try:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+except ImportError:  # pragma: no cover
+    FrozenBatchNorm2d = None
+
+
+# --------------------------------------------------------------------------------------------
+# When the fused path may run
+
+
+def _device_ok(x: torch.Tensor) -> bool:
+    if x.device.type == "cuda":
+        return x.dtype in SUPPORTED_DTYPES
+    if x.device.type == "cpu":
+        # The interpreter has no bf16 dot; the folded CPU path handles every float dtype.
+        return not (INTERPRET and x.dtype == torch.bfloat16) and x.is_floating_point()
+    return False
+
+
+def fused_path_ok(module: nn.Module, x: torch.Tensor, params, *, training: bool) -> bool:
+    """True when the fused kernels compute what the original module would, and no autograd is needed."""
+    if training or not _device_ok(x):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    return True
+
+
+def _name(module: nn.Module) -> str:
+    return getattr(module, "_fastres_name", None) or type(module).__name__
+
+
+def check_input(module: nn.Module, x, channels: int, dtype: torch.dtype, device: torch.device,
+                ndims: tuple[int, ...] = (4,)) -> None:
+    """Clear errors for bad input, before any kernel launch, naming the module and what it expected."""
+    where = f"fastres {type(module).__name__} '{_name(module)}'"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() not in ndims:
+        shape = " or ".join(f"{d}-D" for d in ndims)
+        raise ValueError(f"{where}: expected a {shape} input (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: expected a floating-point input, got {x.dtype}")
+    c = x.shape[-3]
+    if c != channels:
+        raise ValueError(f"{where}: expected {channels} input channels, got {c} (input shape {tuple(x.shape)})")
+    if x.device != device:
+        raise ValueError(f"{where}: input is on {x.device} but the module's weights are on {device}")
+    if x.dtype != dtype:
+        raise TypeError(f"{where}: input dtype {x.dtype} does not match the module's weights ({dtype}); "
+                        f"convert the input or the model (e.g. model.to({dtype}))")
+
+
+class _FoldedMixin:
+    """Folds through a ``FoldCache`` keyed on every tensor read, the compute dtype and the BN eps."""
+
+    def _fold_for(self, cache: FoldCache, conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype):
+        extra = (dtype, None if bn is None else float(bn.eps))
+        return cache.get(conv_bn_tensors(conv, bn), extra, lambda: fold_conv_bn(conv, bn, dtype))
+
+
+def _conv_args(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
+    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+
+
+def conv_fold_reason(conv: nn.Module) -> str | None:
+    """Why the fused conv kernel cannot run this conv, or None if it can."""
+    if type(conv) not in (nn.Conv2d, FusedConvBNAct2d):
+        return f"{type(conv).__name__} is not a plain Conv2d"
+    if conv.padding_mode != "zeros":
+        return f"padding_mode={conv.padding_mode!r} (only zero padding is fused)"
+    if isinstance(conv.padding, str):
+        return f"padding={conv.padding!r} (string padding is not fused yet)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# conv → BN → act among siblings
+
+
+class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
+    """A Conv2d that also applies the BatchNorm (and ReLU) after it, in one kernel, in eval.
+
+    Holds the original conv's parameters (same ``state_dict`` keys). The norm and activation
+    modules stay where they were, as ``FoldedBatchNorm2d`` / ``FoldedReLU``.
+
+    >>> seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+    >>> seq[0] = FusedConvBNAct2d.from_modules(seq[0], seq[1], seq[2])   # doctest: +SKIP
+    """
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.Module | None, act: nn.Module | None = None
+                     ) -> FusedConvBNAct2d:
+        new = cls.__new__(cls)
+        state = dict(conv.__dict__)
+        for key in ("_parameters", "_buffers", "_modules"):
+            state[key] = dict(state[key])
+        new.__dict__.update(state)
+        # Unregistered references: the norm and act stay registered where they were.
+        new.__dict__["_bn"] = FoldedBatchNorm2d.wrap(bn, new) if bn is not None else None
+        new.__dict__["_act"] = FoldedReLU.wrap(act, new) if act is not None else None
+        new.__dict__["_fold"] = FoldCache()
+        return new
+
+    @property
+    def folded_bn(self) -> nn.Module | None:
+        return self._bn
+
+    @property
+    def folded_act(self) -> nn.Module | None:
+        return self._act
+
+    def _group_params(self):
+        yield from self.parameters()
+        if self._bn is not None:
+            yield from self._bn.parameters()
+
+    def fuses(self, x: torch.Tensor) -> bool:
+        training = self.training or (self._bn is not None and self._bn.training)
+        return fused_path_ok(self, x, self._group_params(), training=training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x, self.in_channels, self.weight.dtype, self.weight.device, ndims=(3, 4))
+        if not self.fuses(x):
+            return super().forward(x)
+        unbatched = x.dim() == 3
+        xb = x.unsqueeze(0) if unbatched else x
+        folded = self._fold_for(self._fold, self, self._bn, x.dtype)
+        y = ops.conv_bias_act(xb, folded.weight, folded.bias, None, *_conv_args(self), self._act is not None)
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        parts = ["conv"] + (["bn"] if self._bn is not None else []) + (["relu"] if self._act is not None else [])
+        return f"{super().extra_repr()}, fused={'+'.join(parts)}"
+
+
+class _PassThroughWhenFused:
+    """A norm / activation whose work the fused conv before it already did (in eval)."""
+
+    @classmethod
+    def wrap(cls, module: nn.Module, owner: FusedConvBNAct2d):
+        if isinstance(module, _PassThroughWhenFused):
+            new = module
+        else:
+            new = cls.__new__(cls)
+            state = dict(module.__dict__)
+            for key in ("_parameters", "_buffers", "_modules"):
+                state[key] = dict(state[key])
+            new.__dict__.update(state)
+        new.__dict__["_owner"] = owner
+        return new
+
+    def forward(self, x):
+        if self._owner.fuses(x):
+            return x
+        return super().forward(x)
+
+
+class FoldedBatchNorm2d(_PassThroughWhenFused, nn.BatchNorm2d):
+    """The BatchNorm2d after a ``FusedConvBNAct2d``: same buffers; identity while the conv fuses it."""
+
+    @classmethod
+    def wrap(cls, module: nn.Module, owner: FusedConvBNAct2d):
+        if FrozenBatchNorm2d is not None and isinstance(module, FrozenBatchNorm2d) \
+                and not isinstance(module, _PassThroughWhenFused):
+            return FoldedFrozenBatchNorm2d.wrap(module, owner)
+        return super().wrap(module, owner)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, folded into the conv before it in eval"
+
+
+if FrozenBatchNorm2d is not None:
+
+    class FoldedFrozenBatchNorm2d(_PassThroughWhenFused, FrozenBatchNorm2d):
+        """torchvision's FrozenBatchNorm2d after a ``FusedConvBNAct2d``."""
+
+        @classmethod
+        def wrap(cls, module, owner):
+            return _PassThroughWhenFused.wrap.__func__(cls, module, owner)
+
+        def __repr__(self) -> str:
+            return f"FoldedFrozenBatchNorm2d({self.weight.shape[0]}, eps={self.eps}, folded into the conv)"
+
+
+class FoldedReLU(_PassThroughWhenFused, nn.ReLU):
+    """The ReLU after a ``FusedConvBNAct2d``: identity while the conv applies it."""
+
+    def extra_repr(self) -> str:
+        return "fused into the conv before it in eval"
+
+
+class FoldedMaxPool2d(_PassThroughWhenFused, nn.MaxPool2d):
+    """ResNet's stem max-pool after a ``FusedStem``, which applies it."""
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, applied by the stem in eval"
+
+
+def pool_fuse_reason(pool: nn.Module) -> str | None:
+    if type(pool) is not nn.MaxPool2d:
+        return f"{type(pool).__name__} is not MaxPool2d"
+    if pool.ceil_mode or pool.return_indices or pool.dilation not in (1, (1, 1)):
+        return "max-pool with ceil_mode, indices or dilation is not fused"
+    return None
+
+
+def _pair(v) -> list[int]:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+class FusedStem(FusedConvBNAct2d):
+    """ResNet's stem: conv1 (7×7/2) + bn1 + relu in one kernel, then the 3×3/2 max-pool kernel.
+
+    ``conv1`` becomes this module; ``bn1``, ``relu`` and ``maxpool`` stay in place as pass-throughs.
+    """
+
+    @classmethod
+    def from_modules(cls, conv, bn, act=None, pool=None):
+        new = super().from_modules(conv, bn, act)
+        new.__dict__["_pool"] = FoldedMaxPool2d.wrap(pool, new) if pool is not None else None
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self._pool is None or not self.fuses(x):
+            return y  # the FoldedMaxPool2d after us pools, exactly as before
+        pool = self._pool
+        yb = y.unsqueeze(0) if y.dim() == 3 else y
+        yb = ops.max_pool2d(yb, _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding))
+        return yb.squeeze(0) if y.dim() == 3 else yb
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("+maxpool" if self._pool is not None else "")
+
+
+class FusedHead(nn.AdaptiveAvgPool2d):
+    """ResNet's global average pool as one NHWC reduction kernel (the FC stays ``nn.Linear``)."""
+
+    @classmethod
+    def from_module(cls, pool: nn.AdaptiveAvgPool2d) -> FusedHead:
+        return cls(pool.output_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dim() == 4 and _pair(self.output_size) == [1, 1] and x.numel() > 0
+                and fused_path_ok(self, x, (), training=False)):
+            return ops.global_avg_pool(x)
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fused=global-avg-pool kernel"
+
+
+# --------------------------------------------------------------------------------------------
+# Residual blocks
+
+
+class _FusedBlock(_FoldedMixin, nn.Module):
+    """Shared by FusedBasicBlock and FusedBottleneck: same children, fused eval forward."""
+
+    _convs: tuple[tuple[str, str], ...] = ()  # (conv, bn) attribute pairs, in order
+
+    @classmethod
+    def from_module(cls, block: nn.Module) -> _FusedBlock:
+        new = cls()
+        for name, child in block.named_children():
+            new.add_module(name, child)
+        for key, value in vars(block).items():
+            if not key.startswith("_") and key != "training":
+                setattr(new, key, value)
+        new.training = block.training
+        new.__dict__["_source_cls"] = type(block)
+        return new
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.__dict__["_folds"] = {}
+        self.__dict__["_source_cls"] = None
+
+    def _cache(self, key: str) -> FoldCache:
+        cache = self._folds.get(key)
+        if cache is None:
+            cache = self._folds[key] = FoldCache()
+        return cache
+
+    def _cba(self, x, conv_name: str, bn_name: str, *, residual=None, relu: bool = True, fold_key=None):
+        conv, bn = getattr(self, conv_name), getattr(self, bn_name)
+        folded = self._fold_for(self._cache(fold_key or conv_name), conv, bn, x.dtype)
+        return ops.conv_bias_act(x, folded.weight, folded.bias, residual, *_conv_args(conv), relu)
+
+    def _downsample_fusable(self) -> bool:
+        ds = self.downsample
+        return (isinstance(ds, nn.Sequential) and len(ds) == 2 and conv_fold_reason(ds[0]) is None
+                and bn_fold_reason(ds[1]) is None)
+
+    def _shortcut(self, x):
+        if self.downsample is None:
+            return x
+        if self._downsample_fusable():
+            ds = self.downsample
+            folded = self._fold_for(self._cache("downsample"), ds[0], ds[1], x.dtype)
+            return ops.conv_bias_act(x, folded.weight, folded.bias, None, *_conv_args(ds[0]), False)
+        return self.downsample(x)
+
+    def fuses(self, x: torch.Tensor) -> bool:
+        training = any(m.training for m in self.modules())
+        return fused_path_ok(self, x, self.parameters(), training=training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv1 = self.conv1
+        check_input(self, x, conv1.in_channels, conv1.weight.dtype, conv1.weight.device)
+        if not self.fuses(x):
+            return self._source_cls.forward(self, x)
+        identity = self._shortcut(x)
+        out = x
+        last = len(self._convs) - 1
+        for i, (conv_name, bn_name) in enumerate(self._convs):
+            if i < last:
+                out = self._cba(out, conv_name, bn_name, relu=True)
+            else:
+                out = self._cba(out, conv_name, bn_name, residual=identity, relu=True)
+        return out
+
+    def extra_repr(self) -> str:
+        shortcut = ""
+        if self.downsample is not None:
+            shortcut = ", shortcut=conv+bn fused" if self._downsample_fusable() else ", shortcut=eager module"
+        n = len(self._convs)
+        return f"fused={n} conv+bn+relu kernels, last with residual add{shortcut}"
+
+
+class FusedBasicBlock(_FusedBlock):
+    """torchvision BasicBlock: conv1+bn1+relu, then conv2+bn2+residual+relu (two kernels)."""
+
+    _convs = (("conv1", "bn1"), ("conv2", "bn2"))
+
+
+class FusedBottleneck(_FusedBlock):
+    """torchvision Bottleneck: three kernels, the last one adding the residual before its ReLU."""
+
+    _convs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+
+def block_fuse_reason(block: nn.Module) -> str | None:
+    """Why a torchvision block cannot use the fused forward, or None."""
+    pairs = FusedBottleneck._convs if hasattr(block, "conv3") else FusedBasicBlock._convs
+    for conv_name, bn_name in pairs:
+        reason = conv_fold_reason(getattr(block, conv_name)) or bn_fold_reason(getattr(block, bn_name))
+        if reason:
+            return f"{conv_name}/{bn_name}: {reason}"
+    if type(block.relu) is not nn.ReLU:
+        return f"activation {type(block.relu).__name__} is not ReLU"
+    return None
+
+
+FUSED_TYPES = (FusedConvBNAct2d, _FusedBlock, FusedHead, _PassThroughWhenFused)
+__all__ = ["FusedConvBNAct2d", "FusedStem", "FusedHead", "FusedBasicBlock", "FusedBottleneck",
+           "FoldedBatchNorm2d", "FoldedReLU", "FoldedMaxPool2d", "check_input", "fused_path_ok"]

@@ -1,0 +1,98 @@
+"""PyTorch-facing ops: ``torch.ops.fastres.*``, their fake (meta) implementations and the CPU path.
+
+Where each op runs (DESIGN.md, "Where kernels run"):
+- CUDA tensors: the compiled Triton kernel;
+- CPU tensors with TRITON_INTERPRET=1 set before import: the same kernel through Triton's interpreter;
+- CPU tensors otherwise: a folded PyTorch path (conv with folded weights, add, ReLU).
+
+On a CUDA build the ops are ``torch.library.triton_op`` so that torch.compile can see into
+them. Under the interpreter they are opaque ``custom_op``s: the interpreter cannot run on the
+fake tensors that tracing through a triton_op would hand it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.library import custom_op, triton_op
+
+from fastres.kernels import conv as _conv
+from fastres.kernels import pool as _pool
+from fastres.kernels._common import INTERPRET
+
+_define = custom_op if INTERPRET else triton_op
+
+
+def _conv_out_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, ...]:
+    h, w = x.shape[-2:]
+    r, s = weight.shape[-2:]
+    return (x.shape[0], weight.shape[0],
+            _conv.conv_output_size(h, r, stride[0], padding[0], dilation[0]),
+            _conv.conv_output_size(w, s, stride[1], padding[1], dilation[1]))
+
+
+@_define("fastres::conv_bias_act", mutates_args=())
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+) -> torch.Tensor:
+    """relu?(conv2d(x, weight, stride, padding, dilation, groups) + bias (+ residual))."""
+    return _conv.conv_bias_act(x, weight, bias, residual=residual, stride=stride, padding=padding,
+                               dilation=dilation, groups=groups, relu=relu)
+
+
+@conv_bias_act.register_fake
+def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    return x.new_empty(_conv_out_shape(x, weight, stride, padding, dilation)).to(
+        memory_format=torch.channels_last)
+
+
+@_define("fastres::max_pool2d", mutates_args=())
+def max_pool2d(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int]) -> torch.Tensor:
+    """torch.nn.functional.max_pool2d with dilation 1 and floor mode."""
+    return _pool.max_pool2d(x, kernel_size, stride, padding)
+
+
+@max_pool2d.register_fake
+def _(x, kernel_size, stride, padding):
+    shape = (x.shape[0], x.shape[1],
+             _conv.conv_output_size(x.shape[2], kernel_size[0], stride[0], padding[0], 1),
+             _conv.conv_output_size(x.shape[3], kernel_size[1], stride[1], padding[1], 1))
+    return x.new_empty(shape).to(memory_format=torch.channels_last)
+
+
+@_define("fastres::global_avg_pool", mutates_args=())
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """Mean over H, W keeping them as 1×1: (N, C, H, W) → (N, C, 1, 1)."""
+    return _pool.global_avg_pool(x)
+
+
+@global_avg_pool.register_fake
+def _(x):
+    return x.new_empty((x.shape[0], x.shape[1], 1, 1)).to(memory_format=torch.channels_last)
+
+
+# The folded PyTorch path for CPU tensors when the interpreter is off.
+if not INTERPRET:
+
+    @conv_bias_act.register_kernel("cpu")
+    def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+        y = F.conv2d(x, weight, bias.to(x.dtype), stride, padding, dilation, groups)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+
+    @max_pool2d.register_kernel("cpu")
+    def _(x, kernel_size, stride, padding):
+        return F.max_pool2d(x, kernel_size, stride, padding)
+
+    @global_avg_pool.register_kernel("cpu")
+    def _(x):
+        return x.mean(dim=(2, 3), keepdim=True)

@@ -1,0 +1,267 @@
+"""Implicit-GEMM convolution over NHWC with a fused bias / residual / ReLU epilogue.
+
+GEMM view: M = N·P·Q output pixels, N = C_out / groups, K = R·S·C_in / groups.
+One program computes a BLOCK_M × BLOCK_N output tile of one group, accumulating in fp32,
+then adds the folded-BN bias and an optional residual tile, applies ReLU and stores once.
+
+Tensors are addressed through their strides, so any layout works; channels_last
+(channel stride 1) is the one that coalesces, and is what the modules produce.
+The weight is the conv's (C_out, C_in/groups, R, S) tensor; the fold prepacks it so that
+its C_out stride is 1 (memory order R, S, C_in, C_out): each K row of the B tile is contiguous.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_tensor, launchable, next_pow2, tl_dtype_ok
+
+# Tuning constants.
+# Interpreter: one large-block config; each program instance costs milliseconds in the
+# interpreter whatever its size, so fewer, larger programs finish sooner (DESIGN.md, Tuning).
+INTERPRET_MAX_BLOCK = 128
+# tl.dot needs every dimension >= 16.
+MIN_BLOCK = 16
+# Below this many input channels per group the (r, s, c) taps are flattened into one K range,
+# so the stem's C_in = 3 fills a K block instead of padding each tap's 3 channels to 16.
+FLAT_K_MAX_CIN = 16
+# GPU defaults until tuned tables ship (issue: citizen / speed): 128×128 tiles with BLOCK_K=64
+# (fp16/bf16) or 32 (fp32, same bytes per stage) are the shapes Triton's matmul tutorial uses
+# on Hopper; 4 stages fit the sm_90 shared memory with these tiles. Not yet measured here.
+GPU_BLOCK_M = 128
+GPU_BLOCK_N = 128
+GPU_STAGES = 4
+GPU_WARPS = 8
+# Grouped tile order: GROUP_M row tiles share a column of weight tiles in L2.
+GROUP_M = 8
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+@triton.jit
+def _conv_bias_act_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    # problem size; C_IN_G / C_OUT_G are per group
+    BATCH, H, W, P, Q, C_IN_G, C_OUT_G,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wo, stride_wc, stride_wr, stride_ws,  # weight (C_out, C_in_g, R, S)
+    stride_rn, stride_rc, stride_rh, stride_rw,
+    stride_on, stride_oc, stride_oh, stride_ow,
+    R: tl.constexpr, S: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    FLAT_K: tl.constexpr,  # iterate the flattened (r, s, c) K range (small C_in)
+    DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; used by fp32 dots only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    M = BATCH * P * Q
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_OUT_G, BLOCK_N)
+    # Grouped ordering: consecutive programs reuse the same weight column tiles.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < C_OUT_G
+    # Output pixel coordinates; int64 before any product with a stride.
+    q = offs_m % Q
+    p = (offs_m // Q) % P
+    n = (offs_m // Q // P).to(tl.int64)
+    ih0 = p * STRIDE_H - PAD_H
+    iw0 = q * STRIDE_W - PAD_W
+    co = (g * C_OUT_G + offs_n).to(tl.int64)
+
+    x_base = x_ptr + n * stride_xn + (g * C_IN_G).to(tl.int64) * stride_xc
+    w_base = w_ptr + co * stride_wo
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    if FLAT_K:
+        K = R * S * C_IN_G
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            c = offs_k % C_IN_G
+            rs = offs_k // C_IN_G
+            r = rs // S
+            s = rs % S
+            ih = ih0[:, None] + r[None, :] * DIL_H
+            iw = iw0[:, None] + s[None, :] * DIL_W
+            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = (x_base[:, None] + c[None, :].to(tl.int64) * stride_xc
+                      + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)
+            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            b_ptrs = w_base[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None]
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        # One filter tap at a time, channels innermost: each A row is a contiguous run of C.
+        for r in range(R):
+            for s in range(S):
+                ih = ih0 + r * DIL_H
+                iw = iw0 + s * DIL_W
+                pix_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_row = x_base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+                b_col = w_base + r * stride_wr + s * stride_ws
+                for c0 in range(0, C_IN_G, BLOCK_K):
+                    offs_c = c0 + tl.arange(0, BLOCK_K)
+                    c_mask = offs_c < C_IN_G
+                    a = tl.load(a_row[:, None] + offs_c[None, :].to(tl.int64) * stride_xc,
+                                mask=pix_mask[:, None] & c_mask[None, :], other=0.0)
+                    b = tl.load(b_col[None, :] + offs_c[:, None] * stride_wc,
+                                mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+                    acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    # Epilogue in fp32: + bias, + residual, ReLU, one store.
+    bias = tl.load(bias_ptr + co, mask=n_mask, other=0.0)
+    acc += bias[None, :]
+    pq_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = (res_ptr + (n * stride_rn + p.to(tl.int64) * stride_rh + q.to(tl.int64) * stride_rw)[:, None]
+                  + (co * stride_rc)[None, :])
+        acc += tl.load(r_ptrs, mask=pq_mask, other=0.0).to(tl.float32)
+    if RELU:
+        # where(acc < 0, ...) keeps NaN as NaN, as torch.relu does.
+        acc = tl.where(acc < 0.0, 0.0, acc)
+    o_ptrs = (out_ptr + (n * stride_on + p.to(tl.int64) * stride_oh + q.to(tl.int64) * stride_ow)[:, None]
+              + (co * stride_oc)[None, :])
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pq_mask)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def pick_config(m: int, c_out_g: int, c_in_g: int, r: int, s: int, dtype: torch.dtype,
+                *, interpret: bool = INTERPRET) -> ConvConfig:
+    """The block config for one conv shape (shipped tables come with the tuning issue)."""
+    flat = c_in_g < FLAT_K_MAX_CIN
+    k_extent = r * s * c_in_g if flat else c_in_g
+    if interpret:
+        cap = INTERPRET_MAX_BLOCK
+        return ConvConfig(
+            block_m=min(cap, max(MIN_BLOCK, next_pow2(m))),
+            block_n=min(cap, max(MIN_BLOCK, next_pow2(c_out_g))),
+            block_k=min(cap, max(MIN_BLOCK, next_pow2(k_extent))),
+        )
+    block_k = 32 if dtype == torch.float32 else 64
+    return ConvConfig(
+        block_m=GPU_BLOCK_M if m >= GPU_BLOCK_M else max(MIN_BLOCK, next_pow2(m)),
+        block_n=min(GPU_BLOCK_N, max(MIN_BLOCK, next_pow2(c_out_g))),
+        block_k=min(block_k, max(MIN_BLOCK, next_pow2(k_extent))),
+        num_warps=GPU_WARPS if m >= GPU_BLOCK_M else 4,
+        num_stages=GPU_STAGES,
+    )
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(i) for i in v)
+    if len(v) != 2:
+        raise ValueError(f"conv_bias_act: {name} must be an int or a pair, got {v}")
+    return v
+
+
+def _default_precision() -> str:
+    return os.environ.get("FASTRES_FP32_PRECISION", "tf32")
+
+
+def conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    residual: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    relu: bool = True,
+    precision: str | None = None,
+    out: torch.Tensor | None = None,
+    config: ConvConfig | None = None,
+) -> torch.Tensor:
+    """relu(conv2d(x, weight) + bias (+ residual)) in one kernel.
+
+    x: (N, C_in, H, W) fp32/fp16/bf16, any strides (channels_last coalesces).
+    weight: (C_out, C_in/groups, R, S), same dtype as x (prepacked by ``fastres.fold``).
+    bias: (C_out,) fp32. residual: (N, C_out, P, Q), any strides and floating dtype.
+    precision: fp32 dot mode, "tf32" (default, or $FASTRES_FP32_PRECISION) or "ieee".
+
+    >>> y = conv_bias_act(x, w, b, stride=2, padding=1)      # doctest: +SKIP
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    check_tensor("conv_bias_act", "x", x, ndim=4)
+    check_tensor("conv_bias_act", "weight", weight, ndim=4, dtype=x.dtype, device=x.device)
+    check_tensor("conv_bias_act", "bias", bias, ndim=1, dtype=torch.float32, device=x.device)
+    tl_dtype_ok("conv_bias_act", x.dtype)
+    batch, c_in, h, w = x.shape
+    c_out, c_in_g, r, s = weight.shape
+    if groups < 1 or c_in % groups or c_out % groups:
+        raise ValueError(f"conv_bias_act: groups={groups} must divide C_in={c_in} and C_out={c_out}")
+    if c_in_g * groups != c_in:
+        raise ValueError(f"conv_bias_act: weight expects {c_in_g * groups} input channels, x has {c_in}")
+    if bias.shape[0] != c_out:
+        raise ValueError(f"conv_bias_act: bias has {bias.shape[0]} entries, expected C_out={c_out}")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(f"conv_bias_act: bad stride={stride} padding={padding} dilation={dilation}")
+    p = conv_output_size(h, r, stride[0], padding[0], dilation[0])
+    q = conv_output_size(w, s, stride[1], padding[1], dilation[1])
+    if p < 1 or q < 1:
+        raise ValueError(f"conv_bias_act: input {h}x{w} is smaller than the {r}x{s} kernel "
+                         f"(padding {padding}, dilation {dilation})")
+    if residual is not None:
+        check_tensor("conv_bias_act", "residual", residual, ndim=4, device=x.device)
+        if tuple(residual.shape) != (batch, c_out, p, q):
+            raise ValueError(f"conv_bias_act: residual shape {tuple(residual.shape)} != output shape "
+                             f"{(batch, c_out, p, q)}")
+    if out is None:
+        out = torch.empty((batch, c_out, p, q), device=x.device, dtype=x.dtype,
+                          memory_format=torch.channels_last)
+    elif tuple(out.shape) != (batch, c_out, p, q) or out.dtype != x.dtype:
+        raise ValueError(f"conv_bias_act: out must be {(batch, c_out, p, q)} {x.dtype}")
+    precision = precision or _default_precision()
+    if precision not in ("tf32", "ieee"):
+        raise ValueError(f"conv_bias_act: precision must be 'tf32' or 'ieee', got {precision!r}")
+    m = batch * p * q
+    if m == 0 or c_out == 0:
+        return out
+    c_out_g = c_out // groups
+    cfg = config or pick_config(m, c_out_g, c_in_g, r, s, x.dtype)
+    res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out_g, cfg.block_n), groups)
+    launchable(_conv_bias_act_fwd_kernel)[grid](
+        x, weight, bias, res, out,
+        batch, h, w, p, q, c_in_g, c_out_g,
+        *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
+        R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        DIL_H=dilation[0], DIL_W=dilation[1],
+        HAS_RESIDUAL=residual is not None, RELU=relu, FLAT_K=c_in_g < FLAT_K_MAX_CIN,
+        DOT_PRECISION=precision,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
