@@ -3,22 +3,40 @@
 >>> import torchvision, fastres
 >>> fast = fastres.convert(torchvision.models.resnet50().eval())   # doctest: +SKIP
 >>> y = fast(x)                                                    # doctest: +SKIP
+
+Names load on first use, so that ``python -m fastres`` can choose Triton's interpreter
+(``TRITON_INTERPRET=1``) before anything imports triton.
 """
 
-from fastres.convert import Report, convert, report
-from fastres.modules import (
-    FoldedBatchNorm2d,
-    FoldedMaxPool2d,
-    FoldedReLU,
-    FusedBasicBlock,
-    FusedBottleneck,
-    FusedConvBNAct2d,
-    FusedHead,
-    FusedStem,
-)
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "FoldedBatchNorm2d", "FoldedMaxPool2d", "FoldedReLU", "FusedBasicBlock", "FusedBottleneck",
-    "FusedConvBNAct2d", "FusedHead", "FusedStem", "Report", "convert", "report",
-]
+
+_EXPORTS = {
+    "convert": "fastres.converter",
+    "report": "fastres.converter",
+    "Report": "fastres.converter",
+    "FoldedBatchNorm2d": "fastres.modules",
+    "FoldedMaxPool2d": "fastres.modules",
+    "FoldedReLU": "fastres.modules",
+    "FusedBasicBlock": "fastres.modules",
+    "FusedBottleneck": "fastres.modules",
+    "FusedConvBNAct2d": "fastres.modules",
+    "FusedHead": "fastres.modules",
+    "FusedStem": "fastres.modules",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fastres' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,33 @@
+# make demo  — build .venv, convert ResNet-50 and print its per-stage error (and timings on a GPU)
+# make test  — build .venv, run the test suite (CPU: Triton's interpreter)
+PYTHON ?= python3
+VENV   ?= .venv
+# The CUDA build of torch that runs here on the CPU too; override for another machine.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fastres-installed
+
+.PHONY: venv demo test test-all lint bench-smoke kernel-report clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(VENV)/bin/fastres demo
+
+test: venv
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: venv
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check fastres kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

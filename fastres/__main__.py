@@ -1,0 +1,3 @@
+from fastres.cli import main
+
+raise SystemExit(main())

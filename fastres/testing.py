@@ -1,0 +1,56 @@
+"""Helpers for checking fused models against eager ones (used by the tests, the CLI and benchmarks)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN statistics and affine parameters, in place: defaults (mean 0, var 1, γ 1, β 0) hide
+    folding bugs. Returns ``model``."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
+                n = m.num_features
+                dev = m.running_mean.device
+                m.running_mean.copy_((torch.rand(n, generator=g) - 0.5).to(dev))
+                m.running_var.copy_((torch.rand(n, generator=g) + 0.5).to(dev))
+                if m.affine:
+                    m.weight.copy_((torch.rand(n, generator=g) + 0.5).to(dev))
+                    m.bias.copy_((torch.rand(n, generator=g) - 0.5).to(dev))
+    return model
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-300))
+
+
+def describe_diff(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> str:
+    """Where and how much two tensors differ: the worst elements with their indices."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    diff = (out - ref).abs()
+    bad = ~(diff <= atol + rtol * ref.abs())
+    bad |= out.isnan() != ref.isnan()
+    lines = [f"shape {tuple(ref.shape)}: {int(bad.sum())} of {ref.numel()} elements outside "
+             f"atol={atol:g} rtol={rtol:g}; rel err {rel_err(out, ref):.3e}; max abs diff "
+             f"{float(diff.nan_to_num(float('inf')).max()) if diff.numel() else 0:.3e}"]
+    flat = diff.nan_to_num(float("inf")).flatten()
+    for i in flat.topk(min(5, flat.numel())).indices.tolist():
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), ref.shape))
+        lines.append(f"  at {idx}: got {out[idx].item():.6g}, expected {ref[idx].item():.6g}")
+    return "\n".join(lines)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, *, rel: float, atol: float, rtol: float,
+                 what: str = "") -> None:
+    """Norm-relative error ≤ ``rel`` and every element within atol + rtol·|ref| (NaN where ref is NaN)."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    finite = r.isfinite()
+    err = rel_err(o[finite], r[finite]) if finite.any() else 0.0
+    elem_ok = bool((((o - r).abs() <= atol + rtol * r.abs()) | (o.isnan() & r.isnan()) | (o == r)).all())
+    assert err <= rel and elem_ok, f"{what}: rel err {err:.3e} (limit {rel:g})\n" + describe_diff(o, r, atol, rtol)

@@ -1,0 +1,161 @@
+"""Kernel tests against the unfolded float64 reference: conv → BN(eval) → (+residual) → ReLU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastres.fold import fold_conv_bn
+from fastres.kernels import conv_bias_act, global_avg_pool, max_pool2d
+from fastres.testing import assert_close
+from torch import nn
+
+# (dtype, per-layer rel limit (DESIGN.md numerics), atol, rtol) for the per-element check.
+DTYPES = [
+    (torch.float32, 1e-5, 1e-4, 1e-4),
+    (torch.float16, 5e-3, 2e-2, 1e-2),
+]
+
+# (name, N, C_in, H, W, C_out, R, stride, padding, dilation, groups): every conv shape class in
+# ResNet-18/50 at small spatial size, plus odd ones (C = 3 and 17, 1×1 spatial, primes, batch 1).
+SHAPES = [
+    ("stem7x7s2", 2, 3, 23, 19, 16, 7, 2, 3, 1, 1),
+    ("1x1s1", 2, 64, 7, 7, 32, 1, 1, 0, 1, 1),
+    ("1x1s2_proj", 2, 32, 9, 9, 64, 1, 2, 0, 1, 1),
+    ("3x3s1", 2, 32, 8, 8, 32, 3, 1, 1, 1, 1),
+    ("3x3s2", 1, 32, 9, 11, 48, 3, 2, 1, 1, 1),
+    ("c17_prime", 1, 17, 13, 5, 19, 3, 1, 1, 1, 1),
+    ("spatial1x1", 3, 40, 1, 1, 24, 3, 1, 1, 1, 1),
+    ("c_in_3_1x1", 1, 3, 5, 7, 16, 1, 1, 0, 1, 1),
+    ("dilated3x3", 1, 24, 11, 11, 16, 3, 1, 2, 2, 1),
+    ("grouped3x3", 2, 32, 6, 6, 32, 3, 1, 1, 1, 4),
+    ("k_over_block", 1, 160, 4, 4, 144, 1, 1, 0, 1, 1),
+]
+
+
+def make_conv_bn(c_in, c_out, r, stride, padding, dilation, groups, conv_bias=False):
+    conv = nn.Conv2d(c_in, c_out, r, stride, padding, dilation, groups, bias=conv_bias)
+    bn = nn.BatchNorm2d(c_out)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return conv.eval(), bn.eval()
+
+
+def reference(x, conv, bn, residual, relu):
+    """The unfolded module chain in float64 on the CPU."""
+    conv64, bn64 = conv.double().cpu(), bn.double().cpu()
+    with torch.no_grad():
+        y = bn64(conv64(x.double().cpu()))
+        if residual is not None:
+            y = y + residual.double().cpu()
+        return torch.relu(y) if relu else y
+
+
+@pytest.mark.parametrize("dtype, rel, atol, rtol", DTYPES)
+@pytest.mark.parametrize("residual, relu", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_conv_bias_act_matches_unfolded_reference(shape, residual, relu, dtype, rel, atol, rtol, device):
+    _, n, c_in, h, w, c_out, r, stride, padding, dilation, groups = shape
+    conv, bn = make_conv_bn(c_in, c_out, r, stride, padding, dilation, groups, conv_bias=residual)
+    x = torch.randn(n, c_in, h, w).to(memory_format=torch.channels_last)
+    p = (h + 2 * padding - dilation * (r - 1) - 1) // stride + 1
+    q = (w + 2 * padding - dilation * (r - 1) - 1) // stride + 1
+    res = torch.randn(n, c_out, p, q) if residual else None
+    ref = reference(x, conv, bn, res, relu)
+
+    folded = fold_conv_bn(conv.to(device), bn.to(device), dtype)
+    out = torch.full((n, c_out, p, q), float("nan"), dtype=dtype, device=device).to(
+        memory_format=torch.channels_last)
+    y = conv_bias_act(x.to(device, dtype), folded.weight, folded.bias,
+                      residual=None if res is None else res.to(device, dtype),
+                      stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu,
+                      precision="ieee", out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert not y.isnan().any(), "an output element was never written"
+    # fp16 inputs are rounded before the kernel sees them; compare against the same rounding.
+    if dtype != torch.float32:
+        ref = reference(x.to(dtype), conv.to(dtype), bn.to(dtype),
+                        None if res is None else res.to(dtype), relu)
+    assert_close(y, ref, rel=rel, atol=atol, rtol=rtol, what=f"{shape[0]} {dtype}")
+
+
+def test_conv_accepts_any_input_layout(device):
+    conv, bn = make_conv_bn(16, 24, 3, 1, 1, 1, 1)
+    base = torch.randn(4, 16, 10, 12)
+    folded = fold_conv_bn(conv.to(device), bn.to(device), torch.float32)
+    layouts = {
+        "nchw": base,
+        "channels_last": base.to(memory_format=torch.channels_last),
+        "strided_batch": torch.randn(8, 16, 10, 12)[::2],
+        "transposed_view": base.transpose(2, 3).contiguous().transpose(2, 3),
+    }
+    for name, x in layouts.items():
+        y = conv_bias_act(x.to(device), folded.weight, folded.bias, stride=1, padding=1, precision="ieee")
+        assert_close(y, reference(x, conv, bn, None, True), rel=1e-5, atol=1e-4, rtol=1e-4, what=name)
+
+
+def test_conv_batch_zero_and_nan_propagation(device):
+    conv, bn = make_conv_bn(8, 16, 3, 1, 1, 1, 1)
+    folded = fold_conv_bn(conv.to(device), bn.to(device), torch.float32)
+    empty = conv_bias_act(torch.randn(0, 8, 5, 5, device=device), folded.weight, folded.bias, padding=1)
+    assert empty.shape == (0, 16, 5, 5)
+    x = torch.randn(1, 8, 5, 5)
+    x[0, 3, 2, 2] = float("nan")
+    y = conv_bias_act(x.to(device), folded.weight, folded.bias, padding=1, relu=True)
+    ref = reference(x, conv, bn, None, True)
+    assert torch.equal(y.isnan().cpu(), ref.isnan()), "NaN must reach exactly the outputs it reaches in eager"
+
+
+def test_conv_offsets_past_2_31_elements(device):
+    """An input whose second image starts 2^31 elements into its storage: int32 offsets would wrap."""
+    conv, bn = make_conv_bn(16, 16, 3, 1, 1, 1, 1)
+    c, h, w = 16, 5, 6
+    storage = torch.empty(2**31 + c * h * w, dtype=torch.float16, device=device)  # 4 GiB, mostly untouched
+    x = storage.as_strided((2, c, h, w), (2**31, 1, w * c, c))
+    x[0].copy_(torch.randn(c, h, w))
+    x[1].copy_(torch.randn(c, h, w))
+    folded = fold_conv_bn(conv.to(device), bn.to(device), torch.float16)
+    y = conv_bias_act(x, folded.weight, folded.bias, padding=1)
+    ref = reference(x.cpu().clone(), conv.half(), bn.half(), None, True)
+    assert_close(y, ref, rel=5e-3, atol=2e-2, rtol=1e-2, what="2^31 offsets")
+    del storage
+
+
+@pytest.mark.parametrize("bad, err", [
+    (lambda x, w, b: (x.int(), w, b), TypeError),
+    (lambda x, w, b: (x[0], w, b), ValueError),
+    (lambda x, w, b: (x[:, :3], w, b), ValueError),
+    (lambda x, w, b: (x, w.half(), b), TypeError),
+    (lambda x, w, b: (x, w, b[:3]), ValueError),
+])
+def test_conv_rejects_bad_input_before_launch(bad, err, device):
+    conv, bn = make_conv_bn(8, 16, 3, 1, 1, 1, 1)
+    folded = fold_conv_bn(conv.to(device), bn.to(device), torch.float32)
+    x = torch.randn(2, 8, 6, 6, device=device)
+    with pytest.raises(err, match="conv_bias_act"):
+        conv_bias_act(*bad(x, folded.weight, folded.bias), padding=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n, c, h, w", [(2, 64, 16, 16), (1, 17, 7, 5), (3, 8, 1, 1), (1, 130, 9, 13)])
+def test_max_pool_matches_torch(n, c, h, w, dtype, device):
+    x = torch.randn(n, c, h, w).to(dtype)
+    x.view(-1)[::37] = float("nan")  # NaN anywhere in a window must give NaN, as in torch
+    x = x.to(memory_format=torch.channels_last)
+    out = torch.full((n, c, (h - 1) // 2 + 1, (w - 1) // 2 + 1), float("nan"), dtype=dtype, device=device)
+    y = max_pool2d(x.to(device), 3, 2, 1, out=out.to(memory_format=torch.channels_last))
+    ref = F.max_pool2d(x.float(), 3, 2, 1).to(dtype)
+    assert torch.equal(y.cpu().isnan(), ref.isnan())
+    assert torch.equal(y.cpu().nan_to_num(), ref.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("n, c, h, w", [(2, 2048, 2, 2), (1, 17, 7, 7), (3, 5, 1, 1), (1, 64, 11, 13)])
+def test_global_avg_pool_matches_torch(n, c, h, w, dtype, rel, device):
+    x = torch.randn(n, c, h, w).to(dtype).to(memory_format=torch.channels_last)
+    out = torch.full((n, c, 1, 1), float("nan"), dtype=dtype, device=device)
+    y = global_avg_pool(x.to(device), out=out)
+    ref = x.double().mean((2, 3), keepdim=True)
+    assert_close(y, ref, rel=rel, atol=rel, rtol=rel, what="avgpool")
