@@ -26,6 +26,7 @@ _EXPORTS = {
     "FusedConvBNAct2d": "fastres.modules",
     "FusedHead": "fastres.modules",
     "FusedStem": "fastres.modules",
+    "refold": "fastres.modules",
 }
 __all__ = sorted(_EXPORTS)
 

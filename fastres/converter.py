@@ -32,10 +32,12 @@ from fastres.modules import (
 
 try:
     from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+    from torchvision.ops.misc import FrozenBatchNorm2d
 except ImportError:  # pragma: no cover
-    BasicBlock = Bottleneck = ResNet = None
+    BasicBlock = Bottleneck = ResNet = FrozenBatchNorm2d = None
 
 FilterFn = Callable[[nn.Module, str], bool]
+_NORMS = (nn.modules.batchnorm._NormBase,) + ((FrozenBatchNorm2d,) if FrozenBatchNorm2d is not None else ())
 
 
 @dataclass
@@ -112,7 +114,7 @@ class _Walker:
             return
         if BasicBlock is not None and type(module) in (BasicBlock, Bottleneck):
             if self.block(module, path):
-                return
+                return  # fused, or excluded by filter_fn with everything inside it
         if _is_torchvision_resnet(module):
             self.resnet(module, path)
         recorded = self.sequential(module, path) if _is_plain_sequential(module) else set()
@@ -129,7 +131,8 @@ class _Walker:
         cls = FusedBottleneck if type(block) is Bottleneck else FusedBasicBlock
         reason = block_fuse_reason(block)
         if reason is None and not self.allowed(block, path):
-            reason = "excluded by filter_fn"
+            self.report.add(path, block, "left", "excluded by filter_fn (with everything inside it)")
+            return True
         if reason:
             self.report.add(path, block, "left", reason)
             return False
@@ -197,7 +200,10 @@ class _Walker:
                 i += 1
                 continue
             bn = seq._modules[names[i + 1]]
-            reason = conv_fold_reason(conv) or bn_fold_reason(bn)
+            reason = conv_fold_reason(conv)
+            if reason is None and not isinstance(bn, _NORMS):
+                reason = f"not followed by BatchNorm2d (next is {type(bn).__name__})"
+            reason = reason or bn_fold_reason(bn)
             if reason is None and not self.allowed(conv, _join(path, names[i])):
                 reason = "excluded by filter_fn"
             if reason:
@@ -259,8 +265,9 @@ def convert(model: nn.Module, *, inplace: bool = False, filter_fn: FilterFn | No
         raise ValueError("fastres.convert: pass the model that contains the block, or use "
                          "FusedBasicBlock/FusedBottleneck.from_module(block) directly")
     walker.visit(model, "")
+    walker.report.convs_total = _count_convs(model)
     if verbose:
-        print(report(model))
+        print(walker.report)
     return model
 
 

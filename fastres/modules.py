@@ -38,8 +38,8 @@ def _device_ok(x: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return x.dtype in SUPPORTED_DTYPES
     if x.device.type == "cpu":
-        # The interpreter has no bf16 dot; the folded CPU path handles every float dtype.
-        return not (INTERPRET and x.dtype == torch.bfloat16) and x.is_floating_point()
+        # The interpreter has no bf16 (or fp64) dot; the folded CPU path handles every float dtype.
+        return x.dtype in (torch.float32, torch.float16) if INTERPRET else x.is_floating_point()
     return False
 
 
@@ -146,14 +146,12 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         return fused_path_ok(self, x, self._group_params(), training=training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(self, x, self.in_channels, self.weight.dtype, self.weight.device, ndims=(3, 4))
+        # 4-D only: the BatchNorm2d folded in here rejects unbatched input in eager too.
+        check_input(self, x, self.in_channels, self.weight.dtype, self.weight.device)
         if not self.fuses(x):
             return super().forward(x)
-        unbatched = x.dim() == 3
-        xb = x.unsqueeze(0) if unbatched else x
         folded = self._fold_for(self._fold, self, self._bn, x.dtype)
-        y = ops.conv_bias_act(xb, folded.weight, folded.bias, None, *_conv_args(self), self._act is not None)
-        return y.squeeze(0) if unbatched else y
+        return ops.conv_bias_act(x, folded.weight, folded.bias, None, *_conv_args(self), self._act is not None)
 
     def extra_repr(self) -> str:
         parts = ["conv"] + (["bn"] if self._bn is not None else []) + (["relu"] if self._act is not None else [])
@@ -252,9 +250,7 @@ class FusedStem(FusedConvBNAct2d):
         if self._pool is None or not self.fuses(x):
             return y  # the FoldedMaxPool2d after us pools, exactly as before
         pool = self._pool
-        yb = y.unsqueeze(0) if y.dim() == 3 else y
-        yb = ops.max_pool2d(yb, _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding))
-        return yb.squeeze(0) if y.dim() == 3 else yb
+        return ops.max_pool2d(y, _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ("+maxpool" if self._pool is not None else "")
@@ -379,6 +375,23 @@ def block_fuse_reason(block: nn.Module) -> str | None:
     return None
 
 
+def refold(model: nn.Module) -> nn.Module:
+    """Drop every cached fold in ``model``; the next eval forward refolds.
+
+    Needed only after edits that PyTorch does not track: writes through ``param.data``
+    (which has a version counter of its own). Everything else is detected by the cache key.
+
+    >>> model.conv1.weight.data.mul_(2); fastres.refold(model)           # doctest: +SKIP
+    """
+    for m in model.modules():
+        fold = m.__dict__.get("_fold")
+        if isinstance(fold, FoldCache):
+            fold.clear()
+        for cache in m.__dict__.get("_folds", {}).values():
+            cache.clear()
+    return model
+
+
 FUSED_TYPES = (FusedConvBNAct2d, _FusedBlock, FusedHead, _PassThroughWhenFused)
-__all__ = ["FusedConvBNAct2d", "FusedStem", "FusedHead", "FusedBasicBlock", "FusedBottleneck",
+__all__ = ["refold", "FusedConvBNAct2d", "FusedStem", "FusedHead", "FusedBasicBlock", "FusedBottleneck",
            "FoldedBatchNorm2d", "FoldedReLU", "FoldedMaxPool2d", "check_input", "fused_path_ok"]
