@@ -89,6 +89,10 @@ class FoldCache:
 
     def get(self, tensors: tuple[torch.Tensor | None, ...], extra, make: Callable[[], Folded]) -> Folded:
         """The cached fold if every tensor is the same object in the same state, else ``make()``."""
+        if torch.compiler.is_compiling():
+            # Traced by torch.compile / torch.export: the fold becomes part of the graph (freezing
+            # constant-folds it), and the graph's own guards decide when it is retraced.
+            return make()
         try:
             stamps = tuple(_stamp(t) for t in tensors)
         except RuntimeError:  # inference tensors carry no version counter: never cache them

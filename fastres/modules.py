@@ -47,9 +47,16 @@ def fused_path_ok(module: nn.Module, x: torch.Tensor, params, *, training: bool)
     """True when the fused kernels compute what the original module would, and no autograd is needed."""
     if training or not _device_ok(x):
         return False
+    if _exporting():
+        return True  # an exported eval model is an inference graph: fused ops, no autograd
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return False
     return True
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting())
 
 
 def _name(module: nn.Module) -> str:
