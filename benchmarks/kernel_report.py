@@ -1,0 +1,284 @@
+"""What the fused conv kernel compiles to, per ResNet-50 layer, without a GPU.
+
+For the config each layer would get on a GPU (``pick_config(..., interpret=False)``), the kernel is
+specialised exactly as a real launch would specialise it (Triton's own binder: ints equal to 1
+become constants, multiples of 16 get divisibility hints) and compiled on the CPU for sm_90 (and
+sm_80) with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``. From the PTX,
+the cubin (cuobjdump/nvdisasm shipped with Triton) and ``ptxas -v`` it reports registers, spills,
+shared memory, an occupancy estimate and the tensor-core instructions of the main loop
+(sm_90: ``wgmma.mma_async`` / HGMMA; sm_80: ``mma.sync`` / HMMA), and flags spills, missing
+tensor-core use and over-sized shared memory.
+
+    python -m benchmarks.kernel_report                       # ResNet-50, batch 32, fp16, sm_90 + sm_80
+    python -m benchmarks.kernel_report --archs 90 --out benchmarks/results
+
+Compiles are cached per distinct specialisation (in-process, and in Triton's on-disk cache).
+Under TRITON_INTERPRET=1 ``@triton.jit`` yields interpreter objects that cannot be compiled, so the
+report re-runs itself in a subprocess with TRITON_INTERPRET unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._bootstrap import ensure_fastres  # noqa: E402
+
+# Per-SM limits used by the occupancy estimate (CUDA C Programming Guide, "Compute capabilities" table):
+# registers per SM, shared memory per SM / per block (KiB), max warps and blocks per SM, SM count of the
+# reference part (H100 SXM5: 132 SMs; A100 SXM4: 108 SMs).
+ARCH_LIMITS = {
+    90: {"regs": 65536, "smem_sm_kib": 228, "smem_block_kib": 227, "warps": 64, "blocks": 32, "sms": 132,
+         "part": "H100 SXM"},
+    80: {"regs": 65536, "smem_sm_kib": 164, "smem_block_kib": 163, "warps": 64, "blocks": 32, "sms": 108,
+         "part": "A100 SXM"},
+}
+# Register allocation granularity: 256 registers per warp; 1 KiB of shared memory reserved per block.
+REG_ALLOC_UNIT = 256
+SMEM_RESERVED_PER_BLOCK = 1024
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def launch_args(shape, batch: int, dtype):
+    """Positional args, constexpr kwargs and config, as ``conv_bias_act`` would pass them for ``shape``
+    with channels_last activations and a prepacked weight (C_out stride 1)."""
+    import torch
+    from fastres.kernels import conv
+    from triton.runtime.jit import MockTensor
+
+    n, c, h, w, k, r, s = batch, shape.c, shape.h, shape.w, shape.k, shape.r, shape.s
+    p, q, g = shape.p, shape.q, shape.groups
+    c_in_g, c_out_g = c // g, k // g
+    x_strides = (h * w * c, 1, w * c, c)  # channels_last
+    w_strides = (1, k, s * c_in_g * k, c_in_g * k)  # pack_weight: memory order (R, S, C_in, C_out)
+    o_strides = (p * q * k, 1, q * k, k)
+    m = n * p * q
+    cfg = conv.pick_config(m, c_out_g, c_in_g, r, s, dtype, interpret=False)
+    t = MockTensor(dtype)
+    args = [t, t, MockTensor(torch.float32), t, t, n, h, w, p, q, c_in_g, c_out_g,
+            *x_strides, *w_strides, *o_strides, *o_strides]
+    consts = dict(R=r, S=s, STRIDE_H=shape.stride, STRIDE_W=shape.stride, PAD_H=shape.padding,
+                  PAD_W=shape.padding, DIL_H=shape.dilation, DIL_W=shape.dilation,
+                  HAS_RESIDUAL=shape.has_residual, RELU=shape.relu, FLAT_K=c_in_g < conv.FLAT_K_MAX_CIN,
+                  DOT_PRECISION="tf32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                  GROUP_M=conv.GROUP_M)
+    import triton
+
+    grid = triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out_g, cfg.block_n) * g
+    return args, consts, cfg, grid
+
+
+def specialise(kernel, arch: int, args, consts, cfg):
+    """(ASTSource, options, target, cache key) exactly as a launch on ``arch`` would build them."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kwargs = dict(consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages, debug=False)
+    # Triton's own binder (private API, present in 3.2 through 3.8): the same constants and
+    # divisibility hints a launch would compute from these argument values.
+    from triton.runtime.jit import create_function_from_signature
+
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, options)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    key = (arch, src.hash(), str(sorted(options.__dict__.items())))
+    return src, options, target, key
+
+
+def _ptxas_info(ptx: str, arch_name: str) -> dict:
+    """Registers, spill bytes and stack from ``ptxas -v`` on the kernel's PTX."""
+    import triton  # noqa: F401
+
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([_tool("ptxas"), "-v", "--regAllocOptLevel=2", f"--gpu-name={arch_name}",
+                              str(src), "-o", str(Path(d) / "k.cubin")], capture_output=True, text=True)
+    log = out.stdout + out.stderr
+    info = {"ptxas_rc": out.returncode}
+    m = re.search(r"Used (\d+) registers", log)
+    info["regs"] = int(m.group(1)) if m else None
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    spills = (int(m.group(1)), int(m.group(2))) if m else (None, None)
+    info["spill_store_bytes"], info["spill_load_bytes"] = spills
+    m = re.search(r"(\d+) bytes stack frame", log)
+    info["stack_bytes"] = int(m.group(1)) if m else None
+    return info
+
+
+def _sass_counts(cubin: bytes) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True)
+    sass = out.stdout
+    return {"sass_hgmma": len(re.findall(r"\bHGMMA\.", sass)),
+            "sass_hmma": len(re.findall(r"\bHMMA\.", sass)),
+            "sass_stl": len(re.findall(r"\bSTL\b", sass)), "sass_ldl": len(re.findall(r"\bLDL\b", sass)),
+            "sass_ok": out.returncode == 0 and bool(sass.strip())}
+
+
+def occupancy(arch: int, regs: int, smem: int, num_warps: int) -> dict:
+    lim = ARCH_LIMITS[arch]
+    per_warp = -(-regs * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by_regs = lim["regs"] // (per_warp * num_warps) if regs else lim["blocks"]
+    by_smem = (lim["smem_sm_kib"] * 1024) // (smem + SMEM_RESERVED_PER_BLOCK)
+    by_warps = lim["warps"] // num_warps
+    blocks = min(by_regs, by_smem, by_warps, lim["blocks"])
+    limiter = min((("registers", by_regs), ("shared memory", by_smem), ("warps", by_warps),
+                   ("blocks", lim["blocks"])), key=lambda t: t[1])[0]
+    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * num_warps,
+            "occupancy": blocks * num_warps / lim["warps"], "limited_by": limiter}
+
+
+def analyse(ck, arch: int, num_warps: int) -> dict:
+    ptx = ck.asm["ptx"]
+    arch_name = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    info = {"arch_name": arch_name, "shared_bytes": int(ck.metadata.shared),
+            "ptx_wgmma": ptx.count("wgmma.mma_async"), "ptx_mma_sync": ptx.count("mma.sync"),
+            **_ptxas_info(ptx, arch_name), **_sass_counts(ck.asm["cubin"])}
+    info.update(occupancy(arch, info["regs"] or 0, info["shared_bytes"], num_warps))
+    flags = []
+    if info["spill_store_bytes"] or info["spill_load_bytes"]:
+        flags.append("SPILLS")
+    tc = info["ptx_wgmma"] + info["ptx_mma_sync"]
+    if arch >= 90 and info["ptx_wgmma"] == 0:
+        flags.append("NO_WGMMA")
+    if tc == 0:
+        flags.append("NO_TENSOR_CORES")
+    if info["shared_bytes"] > ARCH_LIMITS[arch]["smem_block_kib"] * 1024:
+        flags.append("SMEM_OVER_LIMIT")
+    if info["regs"] is None:
+        flags.append("PTXAS_FAILED")
+    info["flags"] = flags
+    info["tensor_core"] = ("wgmma" if info["ptx_wgmma"] else "mma.sync" if info["ptx_mma_sync"] else "none")
+    return info
+
+
+def build_report(model: str = "resnet50", batch: int = 32, dtype_name: str = "fp16", archs=(90, 80),
+                 image: int = 224, layers=None, progress=print) -> dict:
+    """Compile every distinct conv layer of ``model`` for each arch; one record per (layer, arch)."""
+    import triton
+
+    ensure_fastres()
+    from fastres.kernels import conv
+
+    from benchmarks.common import env_info, torch_dtype
+    from benchmarks.shapes import layer_class, unique_layers
+
+    kernel = conv._conv_bias_act_fwd_kernel
+    if not hasattr(kernel, "params"):
+        raise RuntimeError("the conv kernel is an interpreter object: run with TRITON_INTERPRET unset")
+    dtype = torch_dtype(dtype_name)
+    infos = layers if layers is not None else unique_layers((model,), image)
+    cache: dict = {}
+    records = []
+    t_all = time.monotonic()
+    for arch in archs:
+        for li in infos:
+            shape = li.shape
+            args, consts, cfg, grid = launch_args(shape, batch, dtype)
+            src, options, target, key = specialise(kernel, arch, args, consts, cfg)
+            t0 = time.monotonic()
+            hit = key in cache
+            if not hit:
+                ck = triton.compile(src, target=target, options=options.__dict__)
+                cache[key] = analyse(ck, arch, cfg.num_warps)
+            info = cache[key]
+            lim = ARCH_LIMITS[arch]
+            waves = grid / max(1, info["blocks_per_sm"] * lim["sms"])
+            rec = {"layer": shape.name, "class": layer_class(shape), "count": li.count, "arch": arch,
+                   "batch": batch, "dtype": dtype_name,
+                   "gemm_mnk": list(shape.gemm(batch)), "grid": grid, "waves": round(waves, 2),
+                   "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "block_k": cfg.block_k,
+                              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                              "flat_k": consts["FLAT_K"]},
+                   "compile_s": round(time.monotonic() - t0, 2), "cached": hit,
+                   **info}
+            records.append(rec)
+            progress(f"  sm_{arch} {shape.name:<34} regs {info['regs']!s:>4} "
+                     f"spill {info['spill_store_bytes']!s:>5}B "
+                     f"smem {info['shared_bytes'] // 1024:>4}KiB {info['tensor_core']:<8} occ "
+                     f"{info['occupancy']:.2f} {' '.join(info['flags'])}{' (cached)' if hit else ''}")
+    return {"env": env_info(), "args": {"model": model, "batch": batch, "dtype": dtype_name,
+                                        "archs": list(archs), "image": image},
+            "limits": ARCH_LIMITS, "distinct_compiles": len(cache),
+            "elapsed_s": round(time.monotonic() - t_all, 1), "records": records}
+
+
+def to_markdown(doc: dict) -> str:
+    a = doc["args"]
+    lines = [f"### Kernel report: {a['model']} at {a['image']}, batch {a['batch']}, {a['dtype']} "
+             f"(compiled on the CPU, triton {doc['env']['triton']})", "",
+             "| arch | layer | class | config (BMxBNxBK w/s) | regs | spill B | smem KiB | tensor core | "
+             "occupancy | waves | flags |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["records"]:
+        c = r["config"]
+        lines.append(f"| sm_{r['arch']} | {r['layer']} | {r['class']} | "
+                     f"{c['block_m']}x{c['block_n']}x{c['block_k']} "
+                     f"{c['num_warps']}/{c['num_stages']} | {r['regs']} | {r['spill_store_bytes']} | "
+                     f"{r['shared_bytes'] / 1024:.0f} | {r['tensor_core']} | {r['occupancy']:.2f} "
+                     f"({r['limited_by']}) | {r['waves']} | {' '.join(r['flags']) or '-'} |")
+    flagged = sorted({(r["arch"], f) for r in doc["records"] for f in r["flags"]})
+    lines += ["", "Flags: " + (", ".join(f"sm_{a}: {f}" for a, f in flagged) if flagged else "none")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet50")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "tf32"])
+    ap.add_argument("--archs", default="90,80", help="comma list of compute capabilities (90, 80)")
+    ap.add_argument("--only", default=None, help="comma list of layer names (as shapes.py prints them)")
+    ap.add_argument("--out", default=None, help="folder or .json path (default benchmarks/results/)")
+    ap.add_argument("--md", default=None, help="markdown path (default: next to the JSON)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "benchmarks.kernel_report",
+               *(argv if argv is not None else sys.argv[1:])]
+        repo = str(Path(__file__).resolve().parent.parent)
+        return subprocess.run(cmd, env=env, cwd=repo).returncode
+    from benchmarks.common import write_run
+
+    layers = None
+    if args.only:
+        from benchmarks.shapes import unique_layers
+
+        wanted = [n.strip() for n in args.only.split(",")]
+        by_name = {li.shape.name: li for li in unique_layers((args.model,))}
+        missing = [n for n in wanted if n not in by_name]
+        if missing:
+            raise SystemExit(f"unknown layer(s) {missing}; known: {sorted(by_name)}")
+        layers = [by_name[n] for n in wanted]
+    doc = build_report(args.model, args.batch, args.dtype, tuple(int(a) for a in args.archs.split(",")),
+                       layers=layers)
+    path = write_run(doc, args.out, "kernel_report")
+    md = Path(args.md) if args.md else path.with_suffix(".md")
+    md.write_text(to_markdown(doc))
+    print(to_markdown(doc))
+    print(f"wrote {path} and {md} ({doc['distinct_compiles']} distinct compiles, {doc['elapsed_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
