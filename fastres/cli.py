@@ -30,8 +30,12 @@ def _prepare_device(requested: str) -> torch.device:
 
 def _capture(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     outs: dict[str, torch.Tensor] = {}
-    hooks = [getattr(model, name).register_forward_hook(
-        lambda _m, _i, o, name=name: outs.__setitem__(name, o.detach())) for name in STAGES]
+    hooks = [
+        getattr(model, name).register_forward_hook(
+            lambda _m, _i, o, name=name: outs.__setitem__(name, o.detach())
+        )
+        for name in STAGES
+    ]
     try:
         with torch.inference_mode():
             model(x)
@@ -57,7 +61,11 @@ def demo(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     interp = os.environ.get("TRITON_INTERPRET") == "1"
-    mode = "compiled Triton" if device.type == "cuda" else ("Triton interpreter" if interp else "folded CPU path")
+    mode = (
+        "compiled Triton"
+        if device.type == "cuda"
+        else ("Triton interpreter" if interp else "folded CPU path")
+    )
     size = args.size or (224 if device.type == "cuda" else 64)
     batch = args.batch or (32 if device.type == "cuda" else 2)
     print(f"fastres {fastres.__version__} demo: {args.arch}, random weights, randomised BN statistics")
@@ -66,12 +74,17 @@ def demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     fast = fastres.convert(model)
     rep = fastres.report(fast)
-    print(f"converted in {time.perf_counter() - t0:.2f}s: {rep.convs_fused}/{rep.convs_total} convolutions fused")
+    print(
+        f"converted in {time.perf_counter() - t0:.2f}s: "
+        f"{rep.convs_fused}/{rep.convs_total} convolutions fused"
+    )
     x = torch.randn(batch, 3, size, size, device=device)
     t0 = time.perf_counter()
     got = _capture(fast, x)
-    print(f"first fused forward (fold + {'compile' if device.type == 'cuda' else 'interpret'}): "
-          f"{time.perf_counter() - t0:.1f}s")
+    print(
+        f"first fused forward (fold + {'compile' if device.type == 'cuda' else 'interpret'}): "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
     ref = _capture(model, x)
     ref64 = _capture(model.double(), x.double()) if device.type == "cpu" else None
     model.float()
@@ -89,7 +102,10 @@ def demo(args: argparse.Namespace) -> int:
         print(line)
     if device.type == "cuda":
         print()
-        print(f"{'dtype':<8} {'eager ms':>10} {'fastres ms':>11} {'speedup':>8}   (batch {batch}, median of do_bench)")
+        print(
+            f"{'dtype':<8} {'eager ms':>10} {'fastres ms':>11} {'speedup':>8}"
+            f"   (batch {batch}, median of do_bench)"
+        )
         for dtype in (torch.float16, torch.float32):
             m = model.to(dtype).to(memory_format=torch.channels_last)
             f = fastres.convert(m)

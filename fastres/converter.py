@@ -17,7 +17,6 @@ from torch import nn
 
 from fastres.fold import bn_fold_reason
 from fastres.modules import (
-    FoldedBatchNorm2d,
     FusedBasicBlock,
     FusedBottleneck,
     FusedConvBNAct2d,
@@ -81,8 +80,11 @@ class Report:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"convs_fused": self.convs_fused, "convs_total": self.convs_total,
-                "entries": [vars(e) for e in self.entries]}
+        return {
+            "convs_fused": self.convs_fused,
+            "convs_total": self.convs_total,
+            "entries": [vars(e) for e in self.entries],
+        }
 
 
 def _join(prefix: str, name: str) -> str:
@@ -94,8 +96,12 @@ def _is_plain_sequential(m: nn.Module) -> bool:
 
 
 def _is_torchvision_resnet(m: nn.Module) -> bool:
-    return (ResNet is not None and isinstance(m, ResNet) and type(m).forward is ResNet.forward
-            and type(m)._forward_impl is ResNet._forward_impl)
+    return (
+        ResNet is not None
+        and isinstance(m, ResNet)
+        and type(m).forward is ResNet.forward
+        and type(m)._forward_impl is ResNet._forward_impl
+    )
 
 
 class _Walker:
@@ -109,8 +115,13 @@ class _Walker:
 
     def visit(self, module: nn.Module, path: str) -> None:
         if isinstance(module, _FusedBlock):
-            self.report.add(path, module, type(module).__name__, "already fused",
-                            convs=len(module._convs) + int(module._downsample_fusable()))
+            self.report.add(
+                path,
+                module,
+                type(module).__name__,
+                "already fused",
+                convs=len(module._convs) + int(module._downsample_fusable()),
+            )
             return
         if BasicBlock is not None and type(module) in (BasicBlock, Bottleneck):
             if self.block(module, path):
@@ -122,8 +133,12 @@ class _Walker:
             if isinstance(child, (FusedConvBNAct2d, _PassThroughWhenFused, FusedHead)) or name in recorded:
                 continue  # recorded by the pattern that made them
             if type(child) is nn.Conv2d:
-                self.report.add(_join(path, name), child, "left", "not followed by BatchNorm2d in a Sequential "
-                                "or a ResNet block/stem")
+                self.report.add(
+                    _join(path, name),
+                    child,
+                    "left",
+                    "not followed by BatchNorm2d in a Sequential or a ResNet block/stem",
+                )
                 continue
             self.visit(child, _join(path, name))
 
@@ -141,10 +156,18 @@ class _Walker:
             return False
         new = cls.from_module(block)
         new._fastres_name = path
-        ds = "" if block.downsample is None else (
-            ", downsample conv+bn fused" if new._downsample_fusable() else ", downsample kept as is")
-        self.report.add(path, block, cls.__name__, f"{len(cls._convs)} fused conv kernels{ds}",
-                        convs=len(cls._convs) + int(new._downsample_fusable()))
+        ds = (
+            ""
+            if block.downsample is None
+            else (", downsample conv+bn fused" if new._downsample_fusable() else ", downsample kept as is")
+        )
+        self.report.add(
+            path,
+            block,
+            cls.__name__,
+            f"{len(cls._convs)} fused conv kernels{ds}",
+            convs=len(cls._convs) + int(new._downsample_fusable()),
+        )
         self.replace(path, new)
         return True
 
@@ -180,7 +203,9 @@ class _Walker:
             if not self.apply:
                 self.unapplied(_join(path, "avgpool"), head)
             else:
-                self.report.add(_join(path, "avgpool"), head, "FusedHead", "global-avg-pool kernel; fc stays Linear")
+                self.report.add(
+                    _join(path, "avgpool"), head, "FusedHead", "global-avg-pool kernel; fc stays Linear"
+                )
                 model.avgpool = FusedHead.from_module(head)
         else:
             self.report.add(_join(path, "avgpool"), head, "left", "not AdaptiveAvgPool2d or filtered out")
@@ -193,7 +218,9 @@ class _Walker:
             conv = seq._modules[names[i]]
             if isinstance(conv, FusedConvBNAct2d):
                 parts = "+".join(["conv", "bn"] + (["relu"] if conv.folded_act is not None else []))
-                self.report.add(_join(path, names[i]), conv, type(conv).__name__, f"{parts}, already fused", 1)
+                self.report.add(
+                    _join(path, names[i]), conv, type(conv).__name__, f"{parts}, already fused", 1
+                )
                 i += 1
                 continue
             if type(conv) is not nn.Conv2d or i + 1 >= len(names):
@@ -245,8 +272,9 @@ def _count_convs(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
-def convert(model: nn.Module, *, inplace: bool = False, filter_fn: FilterFn | None = None,
-            verbose: bool = False) -> nn.Module:
+def convert(
+    model: nn.Module, *, inplace: bool = False, filter_fn: FilterFn | None = None, verbose: bool = False
+) -> nn.Module:
     """Return ``model`` with its ResNet parts swapped for fused modules (a copy unless ``inplace``).
 
     ``filter_fn(module, fqn) -> bool`` chooses which candidates to swap. The original model is
@@ -262,8 +290,10 @@ def convert(model: nn.Module, *, inplace: bool = False, filter_fn: FilterFn | No
     walker = _Walker(filter_fn, apply=True)
     walker.root = model
     if isinstance(model, (BasicBlock, Bottleneck)) and BasicBlock is not None:
-        raise ValueError("fastres.convert: pass the model that contains the block, or use "
-                         "FusedBasicBlock/FusedBottleneck.from_module(block) directly")
+        raise ValueError(
+            "fastres.convert: pass the model that contains the block, or use "
+            "FusedBasicBlock/FusedBottleneck.from_module(block) directly"
+        )
     walker.visit(model, "")
     walker.report.convs_total = _count_convs(model)
     if verbose:

@@ -54,7 +54,11 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) -> F
     w = conv.weight.detach()
     acc = torch.float64 if w.device.type in ("cpu", "cuda") else torch.float32
     c_out = w.shape[0]
-    b = conv.bias.detach().to(acc) if conv.bias is not None else torch.zeros(c_out, dtype=acc, device=w.device)
+    b = (
+        conv.bias.detach().to(acc)
+        if conv.bias is not None
+        else torch.zeros(c_out, dtype=acc, device=w.device)
+    )
     if bn is None:
         return Folded(pack_weight(w.to(dtype)), b.float())
     gamma, beta, mean, var = bn_tensors(bn)
@@ -98,8 +102,13 @@ class FoldCache:
         except RuntimeError:  # inference tensors carry no version counter: never cache them
             self.folds += 1
             return make()
-        if (self._value is not None and extra == self._extra and len(tensors) == len(self._tensors)
-                and all(a is b for a, b in zip(tensors, self._tensors)) and stamps == self._stamps):
+        if (
+            self._value is not None
+            and extra == self._extra
+            and len(tensors) == len(self._tensors)
+            and all(a is b for a, b in zip(tensors, self._tensors, strict=True))
+            and stamps == self._stamps
+        ):
             return self._value
         # Fold outside inference mode so the result is usable in any later mode.
         with torch.inference_mode(False), torch.no_grad():

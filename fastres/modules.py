@@ -63,8 +63,14 @@ def _name(module: nn.Module) -> str:
     return getattr(module, "_fastres_name", None) or type(module).__name__
 
 
-def check_input(module: nn.Module, x, channels: int, dtype: torch.dtype, device: torch.device,
-                ndims: tuple[int, ...] = (4,)) -> None:
+def check_input(
+    module: nn.Module,
+    x,
+    channels: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    ndims: tuple[int, ...] = (4,),
+) -> None:
     """Clear errors for bad input, before any kernel launch, naming the module and what it expected."""
     where = f"fastres {type(module).__name__} '{_name(module)}'"
     if not isinstance(x, torch.Tensor):
@@ -76,12 +82,16 @@ def check_input(module: nn.Module, x, channels: int, dtype: torch.dtype, device:
         raise TypeError(f"{where}: expected a floating-point input, got {x.dtype}")
     c = x.shape[-3]
     if c != channels:
-        raise ValueError(f"{where}: expected {channels} input channels, got {c} (input shape {tuple(x.shape)})")
+        raise ValueError(
+            f"{where}: expected {channels} input channels, got {c} (input shape {tuple(x.shape)})"
+        )
     if x.device != device:
         raise ValueError(f"{where}: input is on {x.device} but the module's weights are on {device}")
     if x.dtype != dtype:
-        raise TypeError(f"{where}: input dtype {x.dtype} does not match the module's weights ({dtype}); "
-                        f"convert the input or the model (e.g. model.to({dtype}))")
+        raise TypeError(
+            f"{where}: input dtype {x.dtype} does not match the module's weights ({dtype}); "
+            f"convert the input or the model (e.g. model.to({dtype}))"
+        )
 
 
 class _FoldedMixin:
@@ -122,8 +132,9 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
     """
 
     @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.Module | None, act: nn.Module | None = None
-                     ) -> FusedConvBNAct2d:
+    def from_modules(
+        cls, conv: nn.Conv2d, bn: nn.Module | None, act: nn.Module | None = None
+    ) -> FusedConvBNAct2d:
         new = cls.__new__(cls)
         state = dict(conv.__dict__)
         for key in ("_parameters", "_buffers", "_modules"):
@@ -158,10 +169,14 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         if not self.fuses(x):
             return super().forward(x)
         folded = self._fold_for(self._fold, self, self._bn, x.dtype)
-        return ops.conv_bias_act(x, folded.weight, folded.bias, None, *_conv_args(self), self._act is not None)
+        return ops.conv_bias_act(
+            x, folded.weight, folded.bias, None, *_conv_args(self), self._act is not None
+        )
 
     def extra_repr(self) -> str:
-        parts = ["conv"] + (["bn"] if self._bn is not None else []) + (["relu"] if self._act is not None else [])
+        parts = (
+            ["conv"] + (["bn"] if self._bn is not None else []) + (["relu"] if self._act is not None else [])
+        )
         return f"{super().extra_repr()}, fused={'+'.join(parts)}"
 
 
@@ -192,8 +207,11 @@ class FoldedBatchNorm2d(_PassThroughWhenFused, nn.BatchNorm2d):
 
     @classmethod
     def wrap(cls, module: nn.Module, owner: FusedConvBNAct2d):
-        if FrozenBatchNorm2d is not None and isinstance(module, FrozenBatchNorm2d) \
-                and not isinstance(module, _PassThroughWhenFused):
+        if (
+            FrozenBatchNorm2d is not None
+            and isinstance(module, FrozenBatchNorm2d)
+            and not isinstance(module, _PassThroughWhenFused)
+        ):
             return FoldedFrozenBatchNorm2d.wrap(module, owner)
         return super().wrap(module, owner)
 
@@ -271,8 +289,12 @@ class FusedHead(nn.AdaptiveAvgPool2d):
         return cls(pool.output_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dim() == 4 and _pair(self.output_size) == [1, 1] and x.numel() > 0
-                and fused_path_ok(self, x, (), training=False)):
+        if (
+            x.dim() == 4
+            and _pair(self.output_size) == [1, 1]
+            and x.numel() > 0
+            and fused_path_ok(self, x, (), training=False)
+        ):
             return ops.global_avg_pool(x)
         return super().forward(x)
 
@@ -319,8 +341,12 @@ class _FusedBlock(_FoldedMixin, nn.Module):
 
     def _downsample_fusable(self) -> bool:
         ds = self.downsample
-        return (isinstance(ds, nn.Sequential) and len(ds) == 2 and conv_fold_reason(ds[0]) is None
-                and bn_fold_reason(ds[1]) is None)
+        return (
+            isinstance(ds, nn.Sequential)
+            and len(ds) == 2
+            and conv_fold_reason(ds[0]) is None
+            and bn_fold_reason(ds[1]) is None
+        )
 
     def _shortcut(self, x):
         if self.downsample is None:
@@ -400,5 +426,16 @@ def refold(model: nn.Module) -> nn.Module:
 
 
 FUSED_TYPES = (FusedConvBNAct2d, _FusedBlock, FusedHead, _PassThroughWhenFused)
-__all__ = ["refold", "FusedConvBNAct2d", "FusedStem", "FusedHead", "FusedBasicBlock", "FusedBottleneck",
-           "FoldedBatchNorm2d", "FoldedReLU", "FoldedMaxPool2d", "check_input", "fused_path_ok"]
+__all__ = [
+    "refold",
+    "FusedConvBNAct2d",
+    "FusedStem",
+    "FusedHead",
+    "FusedBasicBlock",
+    "FusedBottleneck",
+    "FoldedBatchNorm2d",
+    "FoldedReLU",
+    "FoldedMaxPool2d",
+    "check_input",
+    "fused_path_ok",
+]

@@ -26,9 +26,12 @@ _define = custom_op if INTERPRET else triton_op
 def _conv_out_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation) -> tuple[int, ...]:
     h, w = x.shape[-2:]
     r, s = weight.shape[-2:]
-    return (x.shape[0], weight.shape[0],
-            _conv.conv_output_size(h, r, stride[0], padding[0], dilation[0]),
-            _conv.conv_output_size(w, s, stride[1], padding[1], dilation[1]))
+    return (
+        x.shape[0],
+        weight.shape[0],
+        _conv.conv_output_size(h, r, stride[0], padding[0], dilation[0]),
+        _conv.conv_output_size(w, s, stride[1], padding[1], dilation[1]),
+    )
 
 
 @_define("fastres::conv_bias_act", mutates_args=())
@@ -44,27 +47,42 @@ def conv_bias_act(
     relu: bool,
 ) -> torch.Tensor:
     """relu?(conv2d(x, weight, stride, padding, dilation, groups) + bias (+ residual))."""
-    return _conv.conv_bias_act(x, weight, bias, residual=residual, stride=stride, padding=padding,
-                               dilation=dilation, groups=groups, relu=relu)
+    return _conv.conv_bias_act(
+        x,
+        weight,
+        bias,
+        residual=residual,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        relu=relu,
+    )
 
 
 @conv_bias_act.register_fake
 def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
     return x.new_empty(_conv_out_shape(x, weight, stride, padding, dilation)).to(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
 
 
 @_define("fastres::max_pool2d", mutates_args=())
-def max_pool2d(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int]) -> torch.Tensor:
+def max_pool2d(
+    x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int]
+) -> torch.Tensor:
     """torch.nn.functional.max_pool2d with dilation 1 and floor mode."""
     return _pool.max_pool2d(x, kernel_size, stride, padding)
 
 
 @max_pool2d.register_fake
 def _(x, kernel_size, stride, padding):
-    shape = (x.shape[0], x.shape[1],
-             _conv.conv_output_size(x.shape[2], kernel_size[0], stride[0], padding[0], 1),
-             _conv.conv_output_size(x.shape[3], kernel_size[1], stride[1], padding[1], 1))
+    shape = (
+        x.shape[0],
+        x.shape[1],
+        _conv.conv_output_size(x.shape[2], kernel_size[0], stride[0], padding[0], 1),
+        _conv.conv_output_size(x.shape[3], kernel_size[1], stride[1], padding[1], 1),
+    )
     return x.new_empty(shape).to(memory_format=torch.channels_last)
 
 

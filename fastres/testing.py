@@ -35,9 +35,11 @@ def describe_diff(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float
     diff = (out - ref).abs()
     bad = ~(diff <= atol + rtol * ref.abs())
     bad |= out.isnan() != ref.isnan()
-    lines = [f"shape {tuple(ref.shape)}: {int(bad.sum())} of {ref.numel()} elements outside "
-             f"atol={atol:g} rtol={rtol:g}; rel err {rel_err(out, ref):.3e}; max abs diff "
-             f"{float(diff.nan_to_num(float('inf')).max()) if diff.numel() else 0:.3e}"]
+    lines = [
+        f"shape {tuple(ref.shape)}: {int(bad.sum())} of {ref.numel()} elements outside "
+        f"atol={atol:g} rtol={rtol:g}; rel err {rel_err(out, ref):.3e}; max abs diff "
+        f"{float(diff.nan_to_num(float('inf')).max()) if diff.numel() else 0:.3e}"
+    ]
     flat = diff.nan_to_num(float("inf")).flatten()
     for i in flat.topk(min(5, flat.numel())).indices.tolist():
         idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), ref.shape))
@@ -45,12 +47,15 @@ def describe_diff(out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float
     return "\n".join(lines)
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, *, rel: float, atol: float, rtol: float,
-                 what: str = "") -> None:
+def assert_close(
+    out: torch.Tensor, ref: torch.Tensor, *, rel: float, atol: float, rtol: float, what: str = ""
+) -> None:
     """Norm-relative error ≤ ``rel`` and every element within atol + rtol·|ref| (NaN where ref is NaN)."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     o, r = out.detach().double().cpu(), ref.detach().double().cpu()
     finite = r.isfinite()
     err = rel_err(o[finite], r[finite]) if finite.any() else 0.0
     elem_ok = bool((((o - r).abs() <= atol + rtol * r.abs()) | (o.isnan() & r.isnan()) | (o == r)).all())
-    assert err <= rel and elem_ok, f"{what}: rel err {err:.3e} (limit {rel:g})\n" + describe_diff(o, r, atol, rtol)
+    assert err <= rel and elem_ok, f"{what}: rel err {err:.3e} (limit {rel:g})\n" + describe_diff(
+        o, r, atol, rtol
+    )

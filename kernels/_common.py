@@ -26,8 +26,15 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def check_tensor(op: str, name: str, t: torch.Tensor, *, ndim: int | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+def check_tensor(
+    op: str,
+    name: str,
+    t: torch.Tensor,
+    *,
+    ndim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> None:
     """Raise TypeError/ValueError naming the op and argument, before any launch."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -40,11 +47,14 @@ def check_tensor(op: str, name: str, t: torch.Tensor, *, ndim: int | None = None
     if device is not None and t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, expected {device} (same device as x)")
     if t.device.type != "cuda" and not INTERPRET:
-        raise ValueError(f"{op}: {name} is on {t.device}; Triton kernels need CUDA tensors "
-                         "(or TRITON_INTERPRET=1 set before importing triton)")
+        raise ValueError(
+            f"{op}: {name} is on {t.device}; Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before importing triton)"
+        )
 
 
 def tl_dtype_ok(op: str, dtype: torch.dtype) -> None:
     if dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: dtype {dtype} is not supported; use one of "
-                        f"{', '.join(str(d) for d in SUPPORTED_DTYPES)}")
+        raise TypeError(
+            f"{op}: dtype {dtype} is not supported; use one of {', '.join(str(d) for d in SUPPORTED_DTYPES)}"
+        )

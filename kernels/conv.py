@@ -52,21 +52,50 @@ class ConvConfig:
 
 @triton.jit
 def _conv_bias_act_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
     # problem size; C_IN_G / C_OUT_G are per group
-    BATCH, H, W, P, Q, C_IN_G, C_OUT_G,
-    stride_xn, stride_xc, stride_xh, stride_xw,
-    stride_wo, stride_wc, stride_wr, stride_ws,  # weight (C_out, C_in_g, R, S)
-    stride_rn, stride_rc, stride_rh, stride_rw,
-    stride_on, stride_oc, stride_oh, stride_ow,
-    R: tl.constexpr, S: tl.constexpr,
-    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    BATCH,
+    H,
+    W,
+    P,
+    Q,
+    C_IN_G,
+    C_OUT_G,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wo,
+    stride_wc,
+    stride_wr,
+    stride_ws,  # weight (C_out, C_in_g, R, S)
+    stride_rn,
+    stride_rc,
+    stride_rh,
+    stride_rw,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr,
+    PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
     FLAT_K: tl.constexpr,  # iterate the flattened (r, s, c) K range (small C_in)
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; used by fp32 dots only
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -110,8 +139,12 @@ def _conv_bias_act_fwd_kernel(
             ih = ih0[:, None] + r[None, :] * DIL_H
             iw = iw0[:, None] + s[None, :] * DIL_W
             a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ptrs = (x_base[:, None] + c[None, :].to(tl.int64) * stride_xc
-                      + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)
+            a_ptrs = (
+                x_base[:, None]
+                + c[None, :].to(tl.int64) * stride_xc
+                + ih.to(tl.int64) * stride_xh
+                + iw.to(tl.int64) * stride_xw
+            )
             a = tl.load(a_ptrs, mask=a_mask, other=0.0)
             b_ptrs = w_base[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None]
             b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
@@ -128,10 +161,16 @@ def _conv_bias_act_fwd_kernel(
                 for c0 in range(0, C_IN_G, BLOCK_K):
                     offs_c = c0 + tl.arange(0, BLOCK_K)
                     c_mask = offs_c < C_IN_G
-                    a = tl.load(a_row[:, None] + offs_c[None, :].to(tl.int64) * stride_xc,
-                                mask=pix_mask[:, None] & c_mask[None, :], other=0.0)
-                    b = tl.load(b_col[None, :] + offs_c[:, None] * stride_wc,
-                                mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+                    a = tl.load(
+                        a_row[:, None] + offs_c[None, :].to(tl.int64) * stride_xc,
+                        mask=pix_mask[:, None] & c_mask[None, :],
+                        other=0.0,
+                    )
+                    b = tl.load(
+                        b_col[None, :] + offs_c[:, None] * stride_wc,
+                        mask=c_mask[:, None] & n_mask[None, :],
+                        other=0.0,
+                    )
                     acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     # Epilogue in fp32: + bias, + residual, ReLU, one store.
@@ -139,14 +178,20 @@ def _conv_bias_act_fwd_kernel(
     acc += bias[None, :]
     pq_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
-        r_ptrs = (res_ptr + (n * stride_rn + p.to(tl.int64) * stride_rh + q.to(tl.int64) * stride_rw)[:, None]
-                  + (co * stride_rc)[None, :])
+        r_ptrs = (
+            res_ptr
+            + (n * stride_rn + p.to(tl.int64) * stride_rh + q.to(tl.int64) * stride_rw)[:, None]
+            + (co * stride_rc)[None, :]
+        )
         acc += tl.load(r_ptrs, mask=pq_mask, other=0.0).to(tl.float32)
     if RELU:
         # where(acc < 0, ...) keeps NaN as NaN, as torch.relu does.
         acc = tl.where(acc < 0.0, 0.0, acc)
-    o_ptrs = (out_ptr + (n * stride_on + p.to(tl.int64) * stride_oh + q.to(tl.int64) * stride_ow)[:, None]
-              + (co * stride_oc)[None, :])
+    o_ptrs = (
+        out_ptr
+        + (n * stride_on + p.to(tl.int64) * stride_oh + q.to(tl.int64) * stride_ow)[:, None]
+        + (co * stride_oc)[None, :]
+    )
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pq_mask)
 
 
@@ -154,8 +199,9 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def pick_config(m: int, c_out_g: int, c_in_g: int, r: int, s: int, dtype: torch.dtype,
-                *, interpret: bool = INTERPRET) -> ConvConfig:
+def pick_config(
+    m: int, c_out_g: int, c_in_g: int, r: int, s: int, dtype: torch.dtype, *, interpret: bool = INTERPRET
+) -> ConvConfig:
     """The block config for one conv shape (shipped tables come with the tuning issue)."""
     flat = c_in_g < FLAT_K_MAX_CIN
     k_extent = r * s * c_in_g if flat else c_in_g
@@ -213,7 +259,11 @@ def conv_bias_act(
 
     >>> y = conv_bias_act(x, w, b, stride=2, padding=1)      # doctest: +SKIP
     """
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride, padding, dilation = (
+        _pair(stride, "stride"),
+        _pair(padding, "padding"),
+        _pair(dilation, "dilation"),
+    )
     check_tensor("conv_bias_act", "x", x, ndim=4)
     check_tensor("conv_bias_act", "weight", weight, ndim=4, dtype=x.dtype, device=x.device)
     check_tensor("conv_bias_act", "bias", bias, ndim=1, dtype=torch.float32, device=x.device)
@@ -231,16 +281,21 @@ def conv_bias_act(
     p = conv_output_size(h, r, stride[0], padding[0], dilation[0])
     q = conv_output_size(w, s, stride[1], padding[1], dilation[1])
     if p < 1 or q < 1:
-        raise ValueError(f"conv_bias_act: input {h}x{w} is smaller than the {r}x{s} kernel "
-                         f"(padding {padding}, dilation {dilation})")
+        raise ValueError(
+            f"conv_bias_act: input {h}x{w} is smaller than the {r}x{s} kernel "
+            f"(padding {padding}, dilation {dilation})"
+        )
     if residual is not None:
         check_tensor("conv_bias_act", "residual", residual, ndim=4, device=x.device)
         if tuple(residual.shape) != (batch, c_out, p, q):
-            raise ValueError(f"conv_bias_act: residual shape {tuple(residual.shape)} != output shape "
-                             f"{(batch, c_out, p, q)}")
+            raise ValueError(
+                f"conv_bias_act: residual shape {tuple(residual.shape)} != output shape "
+                f"{(batch, c_out, p, q)}"
+            )
     if out is None:
-        out = torch.empty((batch, c_out, p, q), device=x.device, dtype=x.dtype,
-                          memory_format=torch.channels_last)
+        out = torch.empty(
+            (batch, c_out, p, q), device=x.device, dtype=x.dtype, memory_format=torch.channels_last
+        )
     elif tuple(out.shape) != (batch, c_out, p, q) or out.dtype != x.dtype:
         raise ValueError(f"conv_bias_act: out must be {(batch, c_out, p, q)} {x.dtype}")
     precision = precision or _default_precision()
@@ -254,14 +309,39 @@ def conv_bias_act(
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out_g, cfg.block_n), groups)
     launchable(_conv_bias_act_fwd_kernel)[grid](
-        x, weight, bias, res, out,
-        batch, h, w, p, q, c_in_g, c_out_g,
-        *x.stride(), *weight.stride(), *res.stride(), *out.stride(),
-        R=r, S=s, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-        DIL_H=dilation[0], DIL_W=dilation[1],
-        HAS_RESIDUAL=residual is not None, RELU=relu, FLAT_K=c_in_g < FLAT_K_MAX_CIN,
+        x,
+        weight,
+        bias,
+        res,
+        out,
+        batch,
+        h,
+        w,
+        p,
+        q,
+        c_in_g,
+        c_out_g,
+        *x.stride(),
+        *weight.stride(),
+        *res.stride(),
+        *out.stride(),
+        R=r,
+        S=s,
+        STRIDE_H=stride[0],
+        STRIDE_W=stride[1],
+        PAD_H=padding[0],
+        PAD_W=padding[1],
+        DIL_H=dilation[0],
+        DIL_W=dilation[1],
+        HAS_RESIDUAL=residual is not None,
+        RELU=relu,
+        FLAT_K=c_in_g < FLAT_K_MAX_CIN,
         DOT_PRECISION=precision,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=GROUP_M,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=GROUP_M,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out

@@ -25,13 +25,30 @@ INTERPRET_BLOCK = 128
 
 @triton.jit
 def _max_pool2d_fwd_kernel(
-    x_ptr, out_ptr,
-    BATCH, C, H, W, P, Q,
-    stride_xn, stride_xc, stride_xh, stride_xw,
-    stride_on, stride_oc, stride_oh, stride_ow,
-    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
-    PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    BATCH,
+    C,
+    H,
+    W,
+    P,
+    Q,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr,
+    PAD_W: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -49,23 +66,37 @@ def _max_pool2d_fwd_kernel(
             ih = p * STRIDE_H - PAD_H + kh
             iw = q * STRIDE_W - PAD_W + kw
             ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            ptrs = (x_ptr + (n * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None]
-                    + (c64 * stride_xc)[None, :])
+            ptrs = (
+                x_ptr
+                + (n * stride_xn + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None]
+                + (c64 * stride_xc)[None, :]
+            )
             v = tl.load(ptrs, mask=ok[:, None] & c_mask[None, :], other=float("-inf"))
             # NaN anywhere in the window gives NaN, as torch.max_pool2d does.
             acc = tl.maximum(acc, v.to(tl.float32), propagate_nan=tl.PropagateNan.ALL)
-    o_ptrs = (out_ptr + (n * stride_on + p.to(tl.int64) * stride_oh + q.to(tl.int64) * stride_ow)[:, None]
-              + (c64 * stride_oc)[None, :])
+    o_ptrs = (
+        out_ptr
+        + (n * stride_on + p.to(tl.int64) * stride_oh + q.to(tl.int64) * stride_ow)[:, None]
+        + (c64 * stride_oc)[None, :]
+    )
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
 def _global_avg_pool_fwd_kernel(
-    x_ptr, out_ptr,
-    C, H, W,
-    stride_xn, stride_xc, stride_xh, stride_xw,
-    stride_on, stride_oc,
-    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    C,
+    H,
+    W,
+    stride_xn,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_on,
+    stride_oc,
+    BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -91,8 +122,9 @@ def _blocks(rows: int, cols: int, block_rows: int, block_cols: int) -> tuple[int
     return (min(block_rows, max(16, next_pow2(rows))), min(block_cols, max(16, next_pow2(cols))))
 
 
-def max_pool2d(x: torch.Tensor, kernel_size=3, stride=2, padding=1, *, out: torch.Tensor | None = None
-               ) -> torch.Tensor:
+def max_pool2d(
+    x: torch.Tensor, kernel_size=3, stride=2, padding=1, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """torch.nn.functional.max_pool2d (dilation 1, floor mode) over any layout; output channels_last.
 
     >>> y = max_pool2d(x, 3, 2, 1)   # the ResNet stem's pool              # doctest: +SKIP
@@ -116,8 +148,24 @@ def max_pool2d(x: torch.Tensor, kernel_size=3, stride=2, padding=1, *, out: torc
     bp, bc = _blocks(rows, c, POOL_BLOCK_P, POOL_BLOCK_C)
     grid = (triton.cdiv(rows, bp), triton.cdiv(c, bc))
     launchable(_max_pool2d_fwd_kernel)[grid](
-        x, out, batch, c, h, w, p, q, *x.stride(), *out.stride(),
-        KH=kh, KW=kw, STRIDE_H=sh, STRIDE_W=sw, PAD_H=ph, PAD_W=pw, BLOCK_P=bp, BLOCK_C=bc,
+        x,
+        out,
+        batch,
+        c,
+        h,
+        w,
+        p,
+        q,
+        *x.stride(),
+        *out.stride(),
+        KH=kh,
+        KW=kw,
+        STRIDE_H=sh,
+        STRIDE_W=sw,
+        PAD_H=ph,
+        PAD_W=pw,
+        BLOCK_P=bp,
+        BLOCK_C=bc,
     )
     return out
 
@@ -139,6 +187,15 @@ def global_avg_pool(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torc
     bhw, bc = _blocks(h * w, c, AVG_BLOCK_HW, POOL_BLOCK_C)
     grid = (batch, triton.cdiv(c, bc))
     launchable(_global_avg_pool_fwd_kernel)[grid](
-        x, out, c, h, w, *x.stride(), out.stride(0), out.stride(1), BLOCK_HW=bhw, BLOCK_C=bc,
+        x,
+        out,
+        c,
+        h,
+        w,
+        *x.stride(),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_HW=bhw,
+        BLOCK_C=bc,
     )
     return out

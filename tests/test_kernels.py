@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from fastres.kernels import conv_bias_act, global_avg_pool, max_pool2d
+from torch import nn
 
 from fastres.fold import fold_conv_bn
-from fastres.kernels import conv_bias_act, global_avg_pool, max_pool2d
 from fastres.testing import assert_close
-from torch import nn
 
 # (dtype, per-layer rel limit (DESIGN.md numerics), atol, rtol) for the per-element check.
 DTYPES = [
@@ -67,17 +67,28 @@ def test_conv_bias_act_matches_unfolded_reference(shape, residual, relu, dtype, 
 
     folded = fold_conv_bn(conv.to(device), bn.to(device), dtype)
     out = torch.full((n, c_out, p, q), float("nan"), dtype=dtype, device=device).to(
-        memory_format=torch.channels_last)
-    y = conv_bias_act(x.to(device, dtype), folded.weight, folded.bias,
-                      residual=None if res is None else res.to(device, dtype),
-                      stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu,
-                      precision="ieee", out=out)
+        memory_format=torch.channels_last
+    )
+    y = conv_bias_act(
+        x.to(device, dtype),
+        folded.weight,
+        folded.bias,
+        residual=None if res is None else res.to(device, dtype),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        relu=relu,
+        precision="ieee",
+        out=out,
+    )
     assert y.data_ptr() == out.data_ptr()
     assert not y.isnan().any(), "an output element was never written"
     # fp16 inputs are rounded before the kernel sees them; compare against the same rounding.
     if dtype != torch.float32:
-        ref = reference(x.to(dtype), conv.to(dtype), bn.to(dtype),
-                        None if res is None else res.to(dtype), relu)
+        ref = reference(
+            x.to(dtype), conv.to(dtype), bn.to(dtype), None if res is None else res.to(dtype), relu
+        )
     assert_close(y, ref, rel=rel, atol=atol, rtol=rtol, what=f"{shape[0]} {dtype}")
 
 
@@ -123,13 +134,16 @@ def test_conv_offsets_past_2_31_elements(device):
     del storage
 
 
-@pytest.mark.parametrize("bad, err", [
-    (lambda x, w, b: (x.int(), w, b), TypeError),
-    (lambda x, w, b: (x[0], w, b), ValueError),
-    (lambda x, w, b: (x[:, :3], w, b), ValueError),
-    (lambda x, w, b: (x, w.half(), b), TypeError),
-    (lambda x, w, b: (x, w, b[:3]), ValueError),
-])
+@pytest.mark.parametrize(
+    "bad, err",
+    [
+        (lambda x, w, b: (x.int(), w, b), TypeError),
+        (lambda x, w, b: (x[0], w, b), ValueError),
+        (lambda x, w, b: (x[:, :3], w, b), ValueError),
+        (lambda x, w, b: (x, w.half(), b), TypeError),
+        (lambda x, w, b: (x, w, b[:3]), ValueError),
+    ],
+)
 def test_conv_rejects_bad_input_before_launch(bad, err, device):
     conv, bn = make_conv_bn(8, 16, 3, 1, 1, 1, 1)
     folded = fold_conv_bn(conv.to(device), bn.to(device), torch.float32)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torchvision
+from fastres.kernels import conv as conv_kernels
+from fastres.kernels import pool as pool_kernels
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
-from fastres.kernels import conv as conv_kernels
-from fastres.kernels import pool as pool_kernels
 from fastres.testing import assert_close, randomize_bn
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -66,7 +66,9 @@ def test_resnet50_launches_only_fused_kernels(monkeypatch, device):
                 def launch(*args, **kwargs):
                     launches.append(getattr(kernel, "__name__", str(kernel)))
                     return inner[grid](*args, **kwargs)
+
                 return launch
+
         return _Counted()
 
     monkeypatch.setattr(conv_kernels, "launchable", counting)
@@ -78,10 +80,21 @@ def test_resnet50_launches_only_fused_kernels(monkeypatch, device):
     launches.clear()
     with torch.inference_mode(), _OpLog() as log:
         fast(x)
-    forbidden = {"aten.convolution", "aten.cudnn_convolution", "aten.mkldnn_convolution",
-                 "aten._native_batch_norm_legit_no_training", "aten.native_batch_norm",
-                 "aten.batch_norm", "aten.relu", "aten.relu_", "aten.add", "aten.add_",
-                 "aten.threshold", "aten.max_pool2d_with_indices", "aten.mean"}
+    forbidden = {
+        "aten.convolution",
+        "aten.cudnn_convolution",
+        "aten.mkldnn_convolution",
+        "aten._native_batch_norm_legit_no_training",
+        "aten.native_batch_norm",
+        "aten.batch_norm",
+        "aten.relu",
+        "aten.relu_",
+        "aten.add",
+        "aten.add_",
+        "aten.threshold",
+        "aten.max_pool2d_with_indices",
+        "aten.mean",
+    }
     left = sorted(set(log.ops) & forbidden)
     assert not left, f"eager ops left in a converted forward: {left}"
     assert log.ops.count("fastres.conv_bias_act") == 53

@@ -21,10 +21,18 @@ def tiny_resnet(block=BasicBlock, seed=0):
 
 
 def conv_seq():
-    seq = nn.Sequential(nn.Conv2d(5, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(inplace=True),
-                        nn.Conv2d(12, 8, 1, bias=False), nn.BatchNorm2d(8),
-                        nn.Conv2d(8, 6, 3, stride=2), nn.BatchNorm2d(6), nn.SiLU(),
-                        nn.Conv2d(6, 4, 1), nn.GELU())
+    seq = nn.Sequential(
+        nn.Conv2d(5, 12, 3, padding=1),
+        nn.BatchNorm2d(12),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(12, 8, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.Conv2d(8, 6, 3, stride=2),
+        nn.BatchNorm2d(6),
+        nn.SiLU(),
+        nn.Conv2d(6, 4, 1),
+        nn.GELU(),
+    )
     return randomize_bn(seq, 1).eval()
 
 
@@ -198,9 +206,9 @@ def test_train_mode_computes_exactly_what_the_original_computes():
             opt.step()
             losses.append(loss.item())
         assert losses[0] == losses[1], f"step {step}: loss {losses}"
-        for (name, a), (_, b) in zip(model.named_parameters(), fast.named_parameters()):
+        for (name, a), (_, b) in zip(model.named_parameters(), fast.named_parameters(), strict=True):
             assert torch.equal(a.grad, b.grad), f"grad of {name}"
-    for (name, a), (_, b) in zip(model.state_dict().items(), fast.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), fast.state_dict().items(), strict=True):
         assert torch.equal(a, b), f"{name} differs after training"
     assert int(fast.bn1.num_batches_tracked) == 2
     model.eval()
@@ -217,7 +225,7 @@ def test_eval_with_gradients_falls_back_to_the_exact_path():
     model(x).square().sum().backward()
     fast(x2).square().sum().backward()
     torch.testing.assert_close(x2.grad, x.grad)
-    for (name, a), (_, b) in zip(model.named_parameters(), fast.named_parameters()):
+    for (name, a), (_, b) in zip(model.named_parameters(), fast.named_parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
 
 
@@ -265,9 +273,12 @@ def test_any_input_layout(layout):
     model = tiny_resnet()
     fast = fastres.convert(model)
     base = torch.randn(3, 3, 37, 45)
-    x = {"nchw": base, "channels_last": base.to(memory_format=torch.channels_last),
-         "noncontig": base.transpose(2, 3).contiguous().transpose(2, 3),
-         "strided_batch": torch.stack([base, base], 1).flatten(0, 1)[::2]}[layout]
+    x = {
+        "nchw": base,
+        "channels_last": base.to(memory_format=torch.channels_last),
+        "noncontig": base.transpose(2, 3).contiguous().transpose(2, 3),
+        "strided_batch": torch.stack([base, base], 1).flatten(0, 1)[::2],
+    }[layout]
     y = run(fast, x)
     assert y.shape == (3, 10)
     assert_close(y, eager64(model, base), **FP32, what=layout)
@@ -283,13 +294,16 @@ def test_batch_zero_one_and_nan():
     assert torch.equal(run(fast, x).isnan(), eager64(model, x).isnan())
 
 
-@pytest.mark.parametrize("bad, err, match", [
-    (torch.randn(3, 32, 32), ValueError, "4-D input"),
-    (torch.randn(1, 4, 32, 32), ValueError, "expected 3 input channels, got 4"),
-    (torch.randint(0, 5, (1, 3, 32, 32)), TypeError, "floating-point"),
-    (torch.randn(1, 3, 32, 32, dtype=torch.float64), TypeError, "does not match"),
-    (torch.randn(1, 3, 32, 32, dtype=torch.complex64), TypeError, "floating-point"),
-])
+@pytest.mark.parametrize(
+    "bad, err, match",
+    [
+        (torch.randn(3, 32, 32), ValueError, "4-D input"),
+        (torch.randn(1, 4, 32, 32), ValueError, "expected 3 input channels, got 4"),
+        (torch.randint(0, 5, (1, 3, 32, 32)), TypeError, "floating-point"),
+        (torch.randn(1, 3, 32, 32, dtype=torch.float64), TypeError, "does not match"),
+        (torch.randn(1, 3, 32, 32, dtype=torch.complex64), TypeError, "floating-point"),
+    ],
+)
 def test_bad_input_gets_a_clear_error_and_the_model_still_works(bad, err, match):
     model = tiny_resnet()
     fast = fastres.convert(model)

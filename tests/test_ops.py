@@ -18,12 +18,39 @@ def tiny_fast():
 
 
 CONV_CASES = {
-    "3x3_relu": lambda: (torch.randn(2, 4, 6, 6), torch.randn(8, 4, 3, 3), torch.randn(8), None,
-                         [1, 1], [1, 1], [1, 1], 1, True),
-    "1x1s2_residual": lambda: (torch.randn(1, 6, 7, 7), torch.randn(8, 6, 1, 1), torch.randn(8),
-                               torch.randn(1, 8, 4, 4), [2, 2], [0, 0], [1, 1], 1, False),
-    "grouped": lambda: (torch.randn(1, 8, 5, 5), torch.randn(8, 2, 3, 3), torch.randn(8), None,
-                        [1, 1], [1, 1], [1, 1], 4, True),
+    "3x3_relu": lambda: (
+        torch.randn(2, 4, 6, 6),
+        torch.randn(8, 4, 3, 3),
+        torch.randn(8),
+        None,
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        1,
+        True,
+    ),
+    "1x1s2_residual": lambda: (
+        torch.randn(1, 6, 7, 7),
+        torch.randn(8, 6, 1, 1),
+        torch.randn(8),
+        torch.randn(1, 8, 4, 4),
+        [2, 2],
+        [0, 0],
+        [1, 1],
+        1,
+        False,
+    ),
+    "grouped": lambda: (
+        torch.randn(1, 8, 5, 5),
+        torch.randn(8, 2, 3, 3),
+        torch.randn(8),
+        None,
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        4,
+        True,
+    ),
 }
 
 
@@ -33,7 +60,9 @@ def test_opcheck_conv_bias_act(case):
 
 
 def test_opcheck_pools():
-    torch.library.opcheck(torch.ops.fastres.max_pool2d.default, (torch.randn(2, 4, 7, 7), [3, 3], [2, 2], [1, 1]))
+    torch.library.opcheck(
+        torch.ops.fastres.max_pool2d.default, (torch.randn(2, 4, 7, 7), [3, 3], [2, 2], [1, 1])
+    )
     torch.library.opcheck(torch.ops.fastres.global_avg_pool.default, (torch.randn(2, 4, 7, 5),))
 
 
