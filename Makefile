@@ -31,3 +31,12 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# make bench-smoke   — every benchmark code path on the CPU (interpreter, tiny sizes): JSON, markdown, PNG
+bench-smoke: venv
+	$(PY) -m benchmarks.smoke --out benchmarks/results/smoke
+
+# make kernel-report — compile the conv kernel per ResNet-50 layer for sm_90/sm_80 on the CPU:
+#                      registers, spills, shared memory, occupancy, wgmma/mma (JSON + markdown)
+kernel-report: venv
+	$(PY) -m benchmarks.kernel_report --out benchmarks/results/kernel_report.json

@@ -69,13 +69,23 @@ def launch_args(shape, batch: int, dtype):
     m = n * p * q
     cfg = conv.pick_config(m, c_out_g, c_in_g, r, s, dtype, interpret=False)
     t = MockTensor(dtype)
-    args = [t, t, MockTensor(torch.float32), t, t, n, h, w, p, q, c_in_g, c_out_g,
-            *x_strides, *w_strides, *o_strides, *o_strides]
+    # Runtime arguments by name, so a reordered signature still lines up (res = out when no residual,
+    # as the launcher does; same strides either way).
+    values = dict(x_ptr=t, w_ptr=t, bias_ptr=MockTensor(torch.float32), res_ptr=t, out_ptr=t,
+                  BATCH=n, H=h, W=w, P=p, Q=q, C_IN_G=c_in_g, C_OUT_G=c_out_g)
+    for prefix, strides in (("x", x_strides), ("w", w_strides), ("r", o_strides), ("o", o_strides)):
+        dims = "ocrs" if prefix == "w" else "nchw"
+        values.update({f"stride_{prefix}{d}": v for d, v in zip(dims, strides, strict=True)})
     consts = dict(R=r, S=s, STRIDE_H=shape.stride, STRIDE_W=shape.stride, PAD_H=shape.padding,
                   PAD_W=shape.padding, DIL_H=shape.dilation, DIL_W=shape.dilation,
                   HAS_RESIDUAL=shape.has_residual, RELU=shape.relu, FLAT_K=c_in_g < conv.FLAT_K_MAX_CIN,
                   DOT_PRECISION="tf32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                   GROUP_M=conv.GROUP_M)
+    names = [a for a in conv._conv_bias_act_fwd_kernel.arg_names if a not in consts]
+    unknown = [a for a in names if a not in values]
+    if unknown:
+        raise RuntimeError(f"kernel_report: the conv kernel has new arguments {unknown}; teach launch_args")
+    args = [values[a] for a in names]
     import triton
 
     grid = triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out_g, cfg.block_n) * g
