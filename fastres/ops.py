@@ -3,7 +3,7 @@
 Where each op runs (DESIGN.md, "Where kernels run"):
 - CUDA tensors: the compiled Triton kernel;
 - CPU tensors with TRITON_INTERPRET=1 set before import: the same kernel through Triton's interpreter;
-- CPU tensors otherwise: a folded PyTorch path (conv with folded weights, add, ReLU).
+- other tensors (CPU without the interpreter): a folded PyTorch path (conv with folded weights, add, ReLU).
 
 On a CUDA build the ops are ``torch.library.triton_op`` so that torch.compile can see into
 them. Under the interpreter they are opaque ``custom_op``s: the interpreter cannot run on the
@@ -34,6 +34,25 @@ def _conv_out_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dila
     )
 
 
+# The folded PyTorch path for CPU tensors when the interpreter is off. Inside the op bodies (not
+# register_kernel) so that tracing through a triton_op on the CPU sees it too. Outputs are
+# channels_last, like the kernels' (the fake implementations promise that layout).
+_CL = torch.channels_last
+
+
+def _torch_path(x: torch.Tensor) -> bool:
+    return x.device.type != "cuda" and not INTERPRET
+
+
+def _conv_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+    y = F.conv2d(x.contiguous(memory_format=_CL), weight, bias.to(x.dtype), stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + residual
+    if relu:
+        y = torch.relu(y)
+    return y.contiguous(memory_format=_CL)
+
+
 @_define("fastres::conv_bias_act", mutates_args=())
 def conv_bias_act(
     x: torch.Tensor,
@@ -47,6 +66,8 @@ def conv_bias_act(
     relu: bool,
 ) -> torch.Tensor:
     """relu?(conv2d(x, weight, stride, padding, dilation, groups) + bias (+ residual))."""
+    if _torch_path(x):
+        return _conv_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu)
     return _conv.conv_bias_act(
         x,
         weight,
@@ -72,6 +93,8 @@ def max_pool2d(
     x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int]
 ) -> torch.Tensor:
     """torch.nn.functional.max_pool2d with dilation 1 and floor mode."""
+    if _torch_path(x):
+        return F.max_pool2d(x, kernel_size, stride, padding).contiguous(memory_format=_CL)
     return _pool.max_pool2d(x, kernel_size, stride, padding)
 
 
@@ -89,28 +112,11 @@ def _(x, kernel_size, stride, padding):
 @_define("fastres::global_avg_pool", mutates_args=())
 def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     """Mean over H, W keeping them as 1×1: (N, C, H, W) → (N, C, 1, 1)."""
+    if _torch_path(x):
+        return x.mean(dim=(2, 3), keepdim=True).contiguous(memory_format=_CL)
     return _pool.global_avg_pool(x)
 
 
 @global_avg_pool.register_fake
 def _(x):
     return x.new_empty((x.shape[0], x.shape[1], 1, 1)).to(memory_format=torch.channels_last)
-
-
-# The folded PyTorch path for CPU tensors when the interpreter is off.
-if not INTERPRET:
-
-    @conv_bias_act.register_kernel("cpu")
-    def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
-        y = F.conv2d(x, weight, bias.to(x.dtype), stride, padding, dilation, groups)
-        if residual is not None:
-            y = y + residual
-        return torch.relu(y) if relu else y
-
-    @max_pool2d.register_kernel("cpu")
-    def _(x, kernel_size, stride, padding):
-        return F.max_pool2d(x, kernel_size, stride, padding)
-
-    @global_avg_pool.register_kernel("cpu")
-    def _(x):
-        return x.mean(dim=(2, 3), keepdim=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -12,6 +13,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@functools.cache
 def launchable(kernel):
     """The kernel as torch.compile can trace it (``wrap_triton``); the raw one under the interpreter,
     which torch's wrapper does not accept."""

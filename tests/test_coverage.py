@@ -33,7 +33,9 @@ def test_resnext_and_wide_resnet(arch):
 
 def test_dilated_backbone():
     torch.manual_seed(0)
-    model = randomize_bn(ResNet(Bottleneck, [1, 1, 2, 1], replace_stride_with_dilation=[False, True, True])).eval()
+    model = randomize_bn(
+        ResNet(Bottleneck, [1, 1, 2, 1], replace_stride_with_dilation=[False, True, True])
+    ).eval()
     rep = check(model, torch.randn(1, 3, 32, 32))
     assert rep.convs_fused == rep.convs_total
 

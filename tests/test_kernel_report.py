@@ -20,9 +20,24 @@ LAYERS = ["3x224x224->64 7x7/s2", "64x56x56->64 3x3/s1", "256x14x14->1024 1x1/s1
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("kernel_report") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--archs", "90",
-                           "--only", ",".join(LAYERS), "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.kernel_report",
+            "--archs",
+            "90",
+            "--only",
+            ",".join(LAYERS),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), out
 
