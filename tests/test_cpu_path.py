@@ -28,7 +28,8 @@ SCRIPT = textwrap.dedent("""
     args = (torch.randn(2, 4, 6, 6), torch.randn(8, 4, 3, 3), torch.randn(8), torch.randn(2, 8, 6, 6),
             [1, 1], [1, 1], [1, 1], 1, True)
     torch.library.opcheck(torch.ops.fastres.conv_bias_act.default, args)
-    torch.library.opcheck(torch.ops.fastres.max_pool2d.default, (torch.randn(1, 4, 7, 7), [3, 3], [2, 2], [1, 1]))
+    pool_args = (torch.randn(1, 4, 7, 7), [3, 3], [2, 2], [1, 1])
+    torch.library.opcheck(torch.ops.fastres.max_pool2d.default, pool_args)
     torch.library.opcheck(torch.ops.fastres.global_avg_pool.default, (torch.randn(1, 4, 3, 5),))
     with torch.no_grad():
         c = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
