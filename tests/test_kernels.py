@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from fastres.kernels import conv_bias_act, global_avg_pool, max_pool2d
 from torch import nn
 
 from fastres.fold import fold_conv_bn
+from fastres.kernels import conv_bias_act, global_avg_pool, max_pool2d
 from fastres.testing import assert_close
 
 # (dtype, per-layer rel limit (DESIGN.md numerics), atol, rtol) for the per-element check.

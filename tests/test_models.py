@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torchvision
-from fastres.kernels import conv as conv_kernels
-from fastres.kernels import pool as pool_kernels
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
+from fastres.kernels import conv as conv_kernels
+from fastres.kernels import pool as pool_kernels
 from fastres.testing import assert_close, randomize_bn
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]

@@ -1,0 +1,108 @@
+"""Checks that need a CUDA GPU to be trusted: tf32 / fp16 / bf16 numerics on hardware, num_warps.
+
+Skipped without CUDA (see conftest); run by benchmarks/gpu_check.sh on a GPU machine.
+"""
+
+import pytest
+import torch
+import torchvision
+
+import fastres
+from fastres.fold import fold_conv_bn
+from fastres.kernels.conv import ConvConfig, conv_bias_act, pick_config
+from fastres.testing import assert_close, randomize_bn
+
+from test_kernels import SHAPES, make_conv_bn, reference
+
+pytestmark = pytest.mark.gpu
+
+# (dtype, precision, per-layer limit, whole-model limit) from DESIGN.md's numerics table.
+GPU_NUMERICS = [
+    (torch.float32, "tf32", 2e-3, 5e-3),
+    (torch.float32, "ieee", 1e-5, 1e-4),
+    (torch.float16, "tf32", 5e-3, 1e-2),
+    (torch.bfloat16, "tf32", 2e-2, 3e-2),
+]
+
+
+def _run_layer(shape, dtype, precision, residual, config=None):
+    _, n, c_in, h, w, c_out, r, stride, padding, dilation, groups = shape
+    conv, bn = make_conv_bn(c_in, c_out, r, stride, padding, dilation, groups, conv_bias=residual)
+    x = torch.randn(n, c_in, h, w).to(memory_format=torch.channels_last)
+    p = (h + 2 * padding - dilation * (r - 1) - 1) // stride + 1
+    q = (w + 2 * padding - dilation * (r - 1) - 1) // stride + 1
+    res = torch.randn(n, c_out, p, q) if residual else None
+    xd = x.to(dtype)
+    ref = reference(xd, conv.to(dtype), bn.to(dtype), None if res is None else res.to(dtype), True)
+    folded = fold_conv_bn(conv.float().cuda(), bn.float().cuda(), dtype)
+    out = torch.full((n, c_out, p, q), float("nan"), dtype=dtype, device="cuda")
+    y = conv_bias_act(
+        xd.cuda(),
+        folded.weight,
+        folded.bias,
+        residual=None if res is None else res.to("cuda", dtype),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        relu=True,
+        precision=precision,
+        out=out.to(memory_format=torch.channels_last),
+        config=config,
+    )
+    torch.cuda.synchronize()
+    assert not y.isnan().any(), "an output element was never written"
+    return y, ref
+
+
+@pytest.mark.parametrize("dtype, precision, layer_rel, _model_rel", GPU_NUMERICS)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+def test_layer_numerics_on_gpu(shape, residual, dtype, precision, layer_rel, _model_rel):
+    y, ref = _run_layer(shape, dtype, precision, residual)
+    assert_close(y, ref, rel=layer_rel, atol=10 * layer_rel, rtol=10 * layer_rel, what=f"{shape[0]} {dtype}")
+
+
+# The real ResNet-50 layer shapes at batch 2 (56×56 down to 7×7), for the compiled configs.
+RESNET50_LAYERS = [
+    ("r50_stem", 2, 3, 224, 224, 64, 7, 2, 3, 1, 1),
+    ("r50_l1_1x1", 2, 64, 56, 56, 256, 1, 1, 0, 1, 1),
+    ("r50_l1_3x3", 2, 64, 56, 56, 64, 3, 1, 1, 1, 1),
+    ("r50_l2_3x3s2", 2, 128, 56, 56, 128, 3, 2, 1, 1, 1),
+    ("r50_l3_1x1", 2, 1024, 14, 14, 256, 1, 1, 0, 1, 1),
+    ("r50_l4_3x3", 2, 512, 7, 7, 512, 3, 1, 1, 1, 1),
+    ("r50_proj_s2", 2, 1024, 14, 14, 2048, 1, 2, 0, 1, 1),
+]
+
+
+@pytest.mark.parametrize("num_warps", [2, 4, 8])
+@pytest.mark.parametrize("shape", RESNET50_LAYERS, ids=[s[0] for s in RESNET50_LAYERS])
+def test_num_warps_sweep_matches_reference(shape, num_warps):
+    """Flattened / per-tap K loops have miscompiled at some num_warps in Triton: sweep them."""
+    _, n, c_in, h, w, c_out, r, stride, padding, dilation, groups = shape
+    p = (h + 2 * padding - r) // stride + 1
+    base = pick_config(n * p * p, c_out // groups, c_in // groups, r, r, torch.float16, interpret=False)
+    cfg = ConvConfig(
+        base.block_m, base.block_n, base.block_k, num_warps=num_warps, num_stages=base.num_stages
+    )
+    y, ref = _run_layer(shape, torch.float16, "tf32", True, config=cfg)
+    assert_close(y, ref, rel=5e-3, atol=5e-2, rtol=5e-2, what=f"{shape[0]} warps={num_warps}")
+
+
+@pytest.mark.parametrize("dtype, precision, _layer_rel, model_rel", GPU_NUMERICS)
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_whole_model_on_gpu(arch, dtype, precision, _layer_rel, model_rel, monkeypatch):
+    monkeypatch.setenv("FASTRES_FP32_PRECISION", precision)
+    torch.manual_seed(0)
+    model = randomize_bn(getattr(torchvision.models, arch)()).eval().cuda()
+    x = torch.randn(4, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        ref = model.double()(x.double())
+    model.to(dtype)
+    fast = fastres.convert(model)
+    with torch.inference_mode():
+        y = fast(x.to(dtype))
+    assert y.dtype == dtype
+    assert_close(
+        y, ref, rel=model_rel, atol=50 * model_rel, rtol=50 * model_rel, what=f"{arch} {dtype} {precision}"
+    )
