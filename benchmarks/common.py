@@ -72,12 +72,17 @@ def parse_list(text: str | None, allowed=None, conv=str) -> list | None:
 
 def _git_sha() -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "fastres", "kernels"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "fastres", "kernels"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -95,8 +100,12 @@ def source_digest() -> str:
 
 def _driver_version() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except (OSError, subprocess.SubprocessError, IndexError):
         return None
@@ -183,8 +192,14 @@ def summarize(times: list[float]) -> dict:
     def q(p):
         return s[min(len(s) - 1, int(round(p * (len(s) - 1))))]
 
-    return {"median_ms": statistics.median(s), "p50_ms": q(0.5), "p90_ms": q(0.9), "min_ms": s[0],
-            "n": len(s), "times_ms": [round(t, 5) for t in s]}
+    return {
+        "median_ms": statistics.median(s),
+        "p50_ms": statistics.median(s),
+        "p90_ms": q(0.9),
+        "min_ms": s[0],
+        "n": len(s),
+        "times_ms": [round(t, 5) for t in s],
+    }
 
 
 def measure_peaks(device: str, *, gemm_n: int = 8192, copy_mib: int = 1024) -> dict:
@@ -197,16 +212,22 @@ def measure_peaks(device: str, *, gemm_n: int = 8192, copy_mib: int = 1024) -> d
     a = torch.randn(gemm_n, gemm_n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(gemm_n, gemm_n, device="cuda", dtype=torch.bfloat16)
     ms = summarize(time_fn(lambda: a @ b, device="cuda", rep_ms=200))["median_ms"]
-    tflops = 2 * gemm_n ** 3 / (ms * 1e-3) / 1e12
-    n = copy_mib * 2 ** 20 // 2
+    tflops = 2 * gemm_n**3 / (ms * 1e-3) / 1e12
+    n = copy_mib * 2**20 // 2
     src = torch.empty(n, device="cuda", dtype=torch.float16)
     dst = torch.empty_like(src)
     ms_c = summarize(time_fn(lambda: dst.copy_(src), device="cuda", rep_ms=200))["median_ms"]
     gbps = 2 * src.numel() * 2 / (ms_c * 1e-3) / 1e9
     a = b = src = dst = None  # free before the benchmarks allocate
     torch.cuda.empty_cache()
-    return {"gemm_tflops_bf16": tflops, "gemm_n": gemm_n, "gemm_ms": ms, "copy_gbps": gbps,
-            "copy_mib": copy_mib, "copy_ms": ms_c}
+    return {
+        "gemm_tflops_bf16": tflops,
+        "gemm_n": gemm_n,
+        "gemm_ms": ms,
+        "copy_gbps": gbps,
+        "copy_mib": copy_mib,
+        "copy_ms": ms_c,
+    }
 
 
 def log(msg: str) -> None:

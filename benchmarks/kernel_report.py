@@ -57,8 +57,9 @@ def launch_args(shape, batch: int, dtype):
     """Positional args, constexpr kwargs and config, as ``conv_bias_act`` would pass them for ``shape``
     with channels_last activations and a prepacked weight (C_out stride 1)."""
     import torch
-    from fastres.kernels import conv
     from triton.runtime.jit import MockTensor
+
+    from fastres.kernels import conv
 
     n, c, h, w, k, r, s = batch, shape.c, shape.h, shape.w, shape.k, shape.r, shape.s
     p, q, g = shape.p, shape.q, shape.groups
@@ -188,10 +189,9 @@ def build_report(model: str = "resnet50", batch: int = 32, dtype_name: str = "fp
     import triton
 
     ensure_fastres()
-    from fastres.kernels import conv
-
     from benchmarks.common import env_info, torch_dtype
     from benchmarks.shapes import layer_class, unique_layers
+    from fastres.kernels import conv
 
     kernel = conv._conv_bias_act_fwd_kernel
     if not hasattr(kernel, "params"):
