@@ -7,8 +7,10 @@ the repo root on ``sys.path`` and registers ``repo/kernels`` as the ``fastres.ke
 through importlib, exactly where the install would put it. An installed fastres (e.g. the editable
 install in .venv) is used as is.
 
-Import this module before anything imports triton only if you also set TRITON_INTERPRET first;
-it imports fastres lazily (``fastres/__init__`` imports nothing heavy).
+``ensure_fastres()`` imports triton (through fastres.kernels): set TRITON_INTERPRET before calling it
+when the interpreter is wanted. As a pytest plugin (``python3 -m pytest -p benchmarks._bootstrap``,
+as gpu_check.sh runs the GPU tests) it does the same in ``pytest_configure``, after the test
+conftest has chosen the interpreter or not.
 """
 
 from __future__ import annotations
@@ -49,3 +51,7 @@ def ensure_fastres() -> str:
             raise
         fastres.kernels = module
     return "source"
+
+
+def pytest_configure(config):  # ``python3 -m pytest -p benchmarks._bootstrap``: fastres from source
+    ensure_fastres()

@@ -28,11 +28,13 @@ if __package__ in (None, ""):
 from benchmarks._bootstrap import ensure_fastres  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Budget,
+    Stop,
     env_info,
     fastres_precision,
     log,
     measure_peaks,
     parse_list,
+    stop_on_sigterm,
     summarize,
     tf32_mode,
     time_fn,
@@ -143,97 +145,101 @@ def run(
     peak_tflops, copy_gbps = peaks.get("gemm_tflops_bf16"), peaks.get("copy_gbps")
     total = len(dtypes) * len(batches) * len(layers)
     done = 0
-    for dtype_name in dtypes:
-        for batch in batches:
-            for li in layers:
-                done += 1
-                shape = li.shape
-                tag = f"[{done}/{total}] {dtype_name} b{batch} {shape.name}"
-                if budget.spent():
-                    skipped.append(
-                        {
-                            "layer": shape.name,
-                            "batch": batch,
-                            "dtype": dtype_name,
-                            "provider": "*",
-                            "reason": "time budget spent",
-                        }
-                    )
-                    continue
-                layer, x, res, ref = make_case(shape, batch, dtype_name, device)
-                flops = shape.flops(batch)
-                nbytes = shape.bytes(batch, dtype_name)
-                line = []
-                for provider in providers:
-                    why = skip_reason(provider, dtype_name, device)
-                    if why is None and budget.spent():
-                        why = "time budget spent"
-                    if why:
+    try:
+        for dtype_name in dtypes:
+            for batch in batches:
+                for li in layers:
+                    done += 1
+                    shape = li.shape
+                    tag = f"[{done}/{total}] {dtype_name} b{batch} {shape.name}"
+                    if budget.spent():
                         skipped.append(
                             {
                                 "layer": shape.name,
                                 "batch": batch,
                                 "dtype": dtype_name,
-                                "provider": provider,
-                                "reason": why,
+                                "provider": "*",
+                                "reason": "time budget spent",
                             }
                         )
                         continue
-                    rec = {
-                        "layer": shape.name,
-                        "class": layer_class(shape),
-                        "count": li.count,
-                        "models": sorted(li.per_model),
-                        "batch": batch,
-                        "dtype": dtype_name,
-                        "provider": provider,
-                        "flops": flops,
-                        "bytes": nbytes["total"],
-                        "layout": "NHWC",
-                    }
-                    try:
-                        with torch.no_grad(), tf32_mode(dtype_name):
-                            fn = provider_fn(provider, shape, layer, x, res, dtype_name)
-                            out = fn()  # first call: compiles (Triton JIT / Inductor) and checks
-                            if device == "cuda":
-                                torch.cuda.synchronize()
-                            err = rel_err(out.float(), ref)
-                            rec["rel_err"] = err
-                            rec["tol"] = LAYER_TOL[dtype_name]
-                            rec["correct"] = bool(err <= LAYER_TOL[dtype_name])
-                            if provider == "fastres" and not rec["correct"]:
-                                rec["error"] = (
-                                    f"fastres output off: rel err {err:.3e} > {LAYER_TOL[dtype_name]}"
-                                )
-                                records.append(rec)
-                                line.append(f"{provider} WRONG({err:.1e})")
-                                continue
-                            times = time_fn(
-                                fn, device=device, warmup_ms=warmup_ms, rep_ms=rep_ms, cpu_reps=cpu_reps
+                    layer, x, res, ref = make_case(shape, batch, dtype_name, device)
+                    flops = shape.flops(batch)
+                    nbytes = shape.bytes(batch, dtype_name)
+                    line = []
+                    for provider in providers:
+                        why = skip_reason(provider, dtype_name, device)
+                        if why is None and budget.spent(10.0 if provider == "compile" else 0.0):
+                            why = "time budget spent"
+                        if why:
+                            skipped.append(
+                                {
+                                    "layer": shape.name,
+                                    "batch": batch,
+                                    "dtype": dtype_name,
+                                    "provider": provider,
+                                    "reason": why,
+                                }
                             )
-                    except Exception as e:  # one provider failing must not end the run
-                        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                            continue
+                        rec = {
+                            "layer": shape.name,
+                            "class": layer_class(shape),
+                            "count": li.count,
+                            "models": sorted(li.per_model),
+                            "batch": batch,
+                            "dtype": dtype_name,
+                            "provider": provider,
+                            "flops": flops,
+                            "bytes": nbytes["total"],
+                            "layout": "NHWC",
+                        }
+                        try:
+                            with torch.no_grad(), tf32_mode(dtype_name):
+                                fn = provider_fn(provider, shape, layer, x, res, dtype_name)
+                                out = fn()  # first call: compiles (Triton JIT / Inductor) and checks
+                                if device == "cuda":
+                                    torch.cuda.synchronize()
+                                err = rel_err(out.float(), ref)
+                                rec["rel_err"] = err
+                                rec["tol"] = LAYER_TOL[dtype_name]
+                                rec["correct"] = bool(err <= LAYER_TOL[dtype_name])
+                                if provider == "fastres" and not rec["correct"]:
+                                    rec["error"] = (
+                                        f"fastres output off: rel err {err:.3e} > {LAYER_TOL[dtype_name]}"
+                                    )
+                                    records.append(rec)
+                                    line.append(f"{provider} WRONG({err:.1e})")
+                                    continue
+                                times = time_fn(
+                                    fn, device=device, warmup_ms=warmup_ms, rep_ms=rep_ms, cpu_reps=cpu_reps
+                                )
+                        except Exception as e:  # one provider failing must not end the run
+                            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                            records.append(rec)
+                            line.append(f"{provider} ERROR")
+                            continue
+                        rec.update(summarize(times))
+                        sec = rec["median_ms"] * 1e-3
+                        rec["tflops"] = flops / sec / 1e12
+                        rec["gbps"] = nbytes["total"] / sec / 1e9
+                        if peak_tflops:
+                            rec["peak_share"] = rec["tflops"] / peak_tflops
+                        if copy_gbps:
+                            rec["bw_share"] = rec["gbps"] / copy_gbps
+                        if peak_tflops and copy_gbps:
+                            floor = max(flops / (peak_tflops * 1e12), nbytes["total"] / (copy_gbps * 1e9))
+                            rec["floor_ms"] = floor * 1e3
+                            rec["of_floor"] = floor / sec
                         records.append(rec)
-                        line.append(f"{provider} ERROR")
-                        continue
-                    rec.update(summarize(times))
-                    sec = rec["median_ms"] * 1e-3
-                    rec["tflops"] = flops / sec / 1e12
-                    rec["gbps"] = nbytes["total"] / sec / 1e9
-                    if peak_tflops:
-                        rec["peak_share"] = rec["tflops"] / peak_tflops
-                    if copy_gbps:
-                        rec["bw_share"] = rec["gbps"] / copy_gbps
-                    if peak_tflops and copy_gbps:
-                        floor = max(flops / (peak_tflops * 1e12), nbytes["total"] / (copy_gbps * 1e9))
-                        rec["floor_ms"] = floor * 1e3
-                        rec["of_floor"] = floor / sec
-                    records.append(rec)
-                    line.append(f"{provider} {rec['median_ms']:.3f}ms")
-                log(f"{tag}: " + ", ".join(line) + f"  [{budget.elapsed():.0f}s]")
-                del layer, x, res, ref
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                        line.append(f"{provider} {rec['median_ms']:.3f}ms")
+                    log(f"{tag}: " + ", ".join(line) + f"  [{budget.elapsed():.0f}s]")
+                    del layer, x, res, ref
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+    except Stop as e:  # SIGTERM from gpu_check.sh's hard timeout: keep what was measured
+        skipped.append({"provider": "*", "reason": str(e)})
+        log(f"{e}: writing what was measured")
     return records, skipped
 
 
@@ -253,6 +259,7 @@ def main(argv=None, *, shapes=None) -> dict:
     ap.add_argument("--out", default=None, help="folder or .json path (default benchmarks/results/)")
     args = ap.parse_args(argv)
     ensure_fastres()
+    stop_on_sigterm()
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -33,10 +33,12 @@ if __package__ in (None, ""):
 from benchmarks._bootstrap import ensure_fastres  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     Budget,
+    Stop,
     env_info,
     log,
     measure_peaks,
     parse_list,
+    stop_on_sigterm,
     summarize,
     tf32_mode,
     time_fn,
@@ -45,7 +47,10 @@ from benchmarks.common import (  # noqa: E402
 )
 
 MODELS = ("resnet18", "resnet50", "resnet101", "resnet152")
-PROVIDERS = ("eager", "eager_cl", "cudnn_folded", "compile", "compile_ro", "fastres", "fastres_graphs")
+# In priority order: when the budget runs short, the later ones are skipped first.
+PROVIDERS = ("eager", "fastres", "cudnn_folded", "compile", "fastres_graphs", "eager_cl", "compile_ro")
+# Inductor compiles a whole ResNet in tens of seconds: do not start one with less time than this left.
+COMPILE_RESERVE_S = 45
 # DESIGN.md "Numerics", whole model, against eager in the same dtype.
 MODEL_TOL = {"fp16": 1e-2, "bf16": 3e-2, "fp32": 5e-3}
 
@@ -128,108 +133,112 @@ def run(
     cuda = device == "cuda"
     records, skipped = [], []
     groups = [(a, d, b) for a in models for d in dtypes for b in batches]
-    for i, (arch, dtype_name, batch) in enumerate(groups, 1):
-        tag = f"[{i}/{len(groups)}] {arch} {dtype_name} b{batch}"
-        if budget.spent():
-            skipped.append(
-                {
-                    "model": arch,
-                    "dtype": dtype_name,
-                    "batch": batch,
-                    "provider": "*",
-                    "reason": "time budget spent",
-                }
-            )
-            log(f"{tag}: skipped (time budget spent)")
-            continue
-        dot = "tf32" if dtype_name == "fp32" else dtype_name
-        with torch.no_grad(), tf32_mode(dot):
-            try:
-                master, base, x = make_model(arch, dtype_name, device, image, batch)
-                ref = base(x).float()
-            except Exception as e:
+    try:
+        for i, (arch, dtype_name, batch) in enumerate(groups, 1):
+            tag = f"[{i}/{len(groups)}] {arch} {dtype_name} b{batch}"
+            if budget.spent():
                 skipped.append(
                     {
                         "model": arch,
                         "dtype": dtype_name,
                         "batch": batch,
                         "provider": "*",
-                        "reason": f"eager reference failed: {type(e).__name__}: {str(e)[:200]}",
+                        "reason": "time budget spent",
                     }
                 )
-                log(f"{tag}: eager reference failed ({type(e).__name__})")
+                log(f"{tag}: skipped (time budget spent)")
                 continue
-            line = []
-            for provider in providers:
-                why = skip_reason(provider, dtype_name, batch, device) or (
-                    "time budget spent" if budget.spent() else None
-                )
-                if why:
+            dot = "tf32" if dtype_name == "fp32" else dtype_name
+            with torch.no_grad(), tf32_mode(dot):
+                try:
+                    master, base, x = make_model(arch, dtype_name, device, image, batch)
+                    ref = base(x).float()
+                except Exception as e:
                     skipped.append(
                         {
                             "model": arch,
                             "dtype": dtype_name,
                             "batch": batch,
-                            "provider": provider,
-                            "reason": why,
+                            "provider": "*",
+                            "reason": f"eager reference failed: {type(e).__name__}: {str(e)[:200]}",
                         }
                     )
+                    log(f"{tag}: eager reference failed ({type(e).__name__})")
                     continue
-                rec = {
-                    "model": arch,
-                    "dtype": dtype_name,
-                    "dot": dot,
-                    "batch": batch,
-                    "image": image,
-                    "provider": provider,
-                    "input_layout": "NHWC" if provider == "eager_cl" else "NCHW",
-                }
-                try:
-                    if cuda:
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        rec["baseline_mem_mb"] = torch.cuda.memory_allocated() / 2**20
-                    t0 = time.perf_counter()
-                    fn, inp = build(provider, base, x, master, max_autotune=max_autotune)
-                    out = fn(inp)
-                    if cuda:
-                        torch.cuda.synchronize()
-                    rec["cold_start_s"] = time.perf_counter() - t0
-                    err = rel_err(out.float(), ref)
-                    rec["rel_err_vs_eager"] = err
-                    rec["tol"] = MODEL_TOL[dtype_name]
-                    rec["correct"] = bool(err <= MODEL_TOL[dtype_name])
-                    if provider.startswith("fastres") and not rec["correct"]:
-                        rec["error"] = f"fastres output off: rel err {err:.3e} > {MODEL_TOL[dtype_name]}"
-                        records.append(rec)
-                        line.append(f"{provider} WRONG({err:.1e})")
-                        continue
-                    times = time_fn(
-                        lambda fn=fn, inp=inp: fn(inp),
-                        device=device,
-                        warmup_ms=warmup_ms,
-                        rep_ms=rep_ms,
-                        cpu_reps=cpu_reps,
+                line = []
+                for provider in providers:
+                    why = skip_reason(provider, dtype_name, batch, device) or (
+                        "time budget spent" if budget.spent() else None
                     )
-                    if cuda:
-                        rec["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-                except Exception as e:  # one provider failing must not end the run
-                    rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    if why:
+                        skipped.append(
+                            {
+                                "model": arch,
+                                "dtype": dtype_name,
+                                "batch": batch,
+                                "provider": provider,
+                                "reason": why,
+                            }
+                        )
+                        continue
+                    rec = {
+                        "model": arch,
+                        "dtype": dtype_name,
+                        "dot": dot,
+                        "batch": batch,
+                        "image": image,
+                        "provider": provider,
+                        "input_layout": "NHWC" if provider == "eager_cl" else "NCHW",
+                    }
+                    try:
+                        if cuda:
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats()
+                            rec["baseline_mem_mb"] = torch.cuda.memory_allocated() / 2**20
+                        t0 = time.perf_counter()
+                        fn, inp = build(provider, base, x, master, max_autotune=max_autotune)
+                        out = fn(inp)
+                        if cuda:
+                            torch.cuda.synchronize()
+                        rec["cold_start_s"] = time.perf_counter() - t0
+                        err = rel_err(out.float(), ref)
+                        rec["rel_err_vs_eager"] = err
+                        rec["tol"] = MODEL_TOL[dtype_name]
+                        rec["correct"] = bool(err <= MODEL_TOL[dtype_name])
+                        if provider.startswith("fastres") and not rec["correct"]:
+                            rec["error"] = f"fastres output off: rel err {err:.3e} > {MODEL_TOL[dtype_name]}"
+                            records.append(rec)
+                            line.append(f"{provider} WRONG({err:.1e})")
+                            continue
+                        times = time_fn(
+                            lambda fn=fn, inp=inp: fn(inp),
+                            device=device,
+                            warmup_ms=warmup_ms,
+                            rep_ms=rep_ms,
+                            cpu_reps=cpu_reps,
+                        )
+                        if cuda:
+                            rec["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+                    except Exception as e:  # one provider failing must not end the run
+                        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                        records.append(rec)
+                        line.append(f"{provider} ERROR({type(e).__name__})")
+                        continue
+                    finally:
+                        fn = inp = out = None  # noqa: F841 - free the provider's model before the next one
+                        if cuda:
+                            torch.cuda.empty_cache()
+                    rec.update(summarize(times))
+                    rec["images_per_s"] = batch / (rec["median_ms"] * 1e-3)
                     records.append(rec)
-                    line.append(f"{provider} ERROR({type(e).__name__})")
-                    continue
-                finally:
-                    fn = inp = out = None  # noqa: F841 - free the provider's model before the next one
-                    if cuda:
-                        torch.cuda.empty_cache()
-                rec.update(summarize(times))
-                rec["images_per_s"] = batch / (rec["median_ms"] * 1e-3)
-                records.append(rec)
-                line.append(f"{provider} {rec['images_per_s']:.0f} img/s")
-            log(f"{tag}: " + ", ".join(line) + f"  [{budget.elapsed():.0f}s]")
-            master = base = x = ref = None
-            if cuda:
-                torch.cuda.empty_cache()
+                    line.append(f"{provider} {rec['images_per_s']:.0f} img/s")
+                log(f"{tag}: " + ", ".join(line) + f"  [{budget.elapsed():.0f}s]")
+                master = base = x = ref = None
+                if cuda:
+                    torch.cuda.empty_cache()
+    except Stop as e:  # SIGTERM from gpu_check.sh's hard timeout: keep what was measured
+        skipped.append({"provider": "*", "reason": str(e)})
+        log(f"{e}: writing what was measured")
     return records, skipped
 
 
@@ -249,6 +258,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="folder or .json path (default benchmarks/results/)")
     args = ap.parse_args(argv)
     ensure_fastres()
+    stop_on_sigterm()
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -151,6 +151,19 @@ def write_run(doc: dict, out: str | os.PathLike | None, suite: str) -> Path:
     return out
 
 
+class Stop(BaseException):
+    """Raised by SIGTERM (``timeout`` in gpu_check.sh): the run loop stops and the JSON is still written."""
+
+
+def stop_on_sigterm() -> None:
+    import signal
+
+    def handler(signum, frame):
+        raise Stop(f"stopped by signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 class Budget:
     """A wall-clock budget: ``left()`` seconds remain; ``spent()`` says when to stop starting work."""
 

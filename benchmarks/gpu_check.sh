@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The GPU check: GPU tests, both benchmark suites and the report, in one go, on one GPU.
+#
+#   benchmarks/gpu_check.sh OUTDIR [--quick] [--dry-run]
+#
+# Full run < 8 minutes on one H100 (--quick: < 3 minutes). Uses only the machine's python3 with its
+# own torch (>= 2.11) and triton (>= 3.6); installs nothing, needs no network. fastres is imported
+# from this source tree: the benchmark scripts call benchmarks/_bootstrap.py, which registers
+# repo/kernels as fastres.kernels when fastres is not installed, and pytest loads the same module as
+# a plugin (-p benchmarks._bootstrap). Every step has a time budget and a hard timeout; a step that
+# times out still writes what it measured.
+#
+# OUTDIR receives few files (a GPU machine returns at most 8): gpu_check.log (everything printed),
+# results.json (all runs combined), report.md, kernels_speedup.png, models_throughput.png,
+# roofline.png. The last thing printed is a short summary table.
+# --dry-run: print the plan and check that everything imports, on the CPU; runs no benchmark.
+set -uo pipefail
+
+usage() { echo "usage: $0 OUTDIR [--quick] [--dry-run]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+OUT=$1; shift
+QUICK=0; DRY=0
+for a in "$@"; do
+  case $a in --quick) QUICK=1 ;; --dry-run) DRY=1 ;; *) usage ;; esac
+done
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+LOG=$OUT/gpu_check.log
+: > "$LOG"
+exec > >(tee -a "$LOG") 2>&1
+cd "$REPO"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+if git -C "$REPO" rev-parse HEAD >/dev/null 2>&1; then
+  export FASTRES_GIT_SHA=$(git -C "$REPO" rev-parse HEAD)
+fi
+
+# Budgets in seconds (each python step also gets a hard timeout of budget + slack). Worst case, every
+# step at its hard timeout: full 110+140+170+40 s plus ~15 s of report = 475 s; quick 35+40+60+30+15 = 180 s.
+if [ $QUICK = 1 ]; then
+  T_TESTS=35; B_KERN=25; B_MODEL=45; SLACK=15
+  ROOF_ARGS=(--models resnet50 --batches 1,32); T_ROOF=30
+  KERN_ARGS=(--models resnet50 --batches 32 --dtypes fp16 --rep-ms 40)
+  MODEL_ARGS=(--models resnet50 --batches 1,32 --dtypes fp16 --rep-ms 100
+              --providers eager,fastres,cudnn_folded,fastres_graphs,compile)
+else
+  T_TESTS=110; B_KERN=110; B_MODEL=140; SLACK=30
+  ROOF_ARGS=(--models resnet18,resnet50,resnet101,resnet152 --batches 1,32,256); T_ROOF=40
+  KERN_ARGS=(--models resnet50,resnet18,resnet101 --batches 32,256 --dtypes fp16,bf16,tf32 --rep-ms 50)
+  MODEL_ARGS=(--models resnet50,resnet18,resnet101,resnet152 --batches 1,32,256 --dtypes fp16,bf16 --rep-ms 100)
+fi
+
+step() { echo; echo "== $* =="; }
+run() {  # run CMD..., echo it first; in --dry-run only echo it
+  echo "+ $*"
+  [ $DRY = 1 ] && return 0
+  "$@"
+}
+
+step "gpu_check $(date -u +%FT%TZ) quick=$QUICK dry_run=$DRY out=$OUT"
+"$PY" - <<'PYEOF'
+import torch, triton
+print(f"python3 torch {torch.__version__} triton {triton.__version__} cuda {torch.version.cuda} "
+      f"gpu {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+PYEOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+
+if [ $DRY = 1 ]; then
+  step "dry run: import check (CPU, interpreter)"
+  TRITON_INTERPRET=1 "$PY" - <<'PYEOF' || exit 1
+from benchmarks._bootstrap import ensure_fastres
+how = ensure_fastres()
+import fastres, fastres.ops, fastres.kernels.conv  # noqa: E401,F401
+from benchmarks import bench_kernels, bench_models, kernel_report, report, roofline, shapes, smoke  # noqa: F401
+print(f"imports OK (fastres {how}: {fastres.__file__})")
+PYEOF
+  TRITON_INTERPRET=1 "$PY" -m pytest -p benchmarks._bootstrap -m gpu tests --collect-only -q 2>&1 | tail -2
+fi
+
+STATUS=0
+step "GPU tests (timeout ${T_TESTS}s)"
+run timeout -s TERM "$T_TESTS" "$PY" -m pytest -p benchmarks._bootstrap -m gpu tests -q -rfE -p no:cacheprovider
+TESTS_RC=$?
+[ $DRY = 1 ] || echo "GPU tests exit code: $TESTS_RC"
+
+step "per-layer kernels (budget ${B_KERN}s)"
+run timeout -s TERM $((B_KERN + SLACK)) "$PY" -m benchmarks.bench_kernels "${KERN_ARGS[@]}" \
+  --budget "$B_KERN" --out "$WORK/kernels.json" || STATUS=1
+
+step "whole models (budget ${B_MODEL}s)"
+run timeout -s TERM $((B_MODEL + SLACK)) "$PY" -m benchmarks.bench_models "${MODEL_ARGS[@]}" \
+  --budget "$B_MODEL" --out "$WORK/models.json" || STATUS=1
+
+step "launch-and-bytes model"
+run timeout -s TERM "$T_ROOF" "$PY" -m benchmarks.roofline "${ROOF_ARGS[@]}" --out "$WORK/roofline.json" \
+  || STATUS=1
+
+step "report"
+if [ $DRY = 1 ]; then
+  run "$PY" -m benchmarks.report "$WORK"/*.json --combine "$OUT/results.json" --out-dir "$OUT" --summary
+  echo "dry run done: nothing measured"
+  exit 0
+fi
+INPUTS=$(ls "$WORK"/*.json 2>/dev/null)
+if [ -z "$INPUTS" ]; then
+  echo "no benchmark JSON was written"; exit 1
+fi
+# shellcheck disable=SC2086
+"$PY" -m benchmarks.report $INPUTS --combine "$OUT/results.json" --out-dir "$OUT" --summary || STATUS=1
+echo "GPU tests: $([ $TESTS_RC = 0 ] && echo passed || echo "FAILED (exit $TESTS_RC)")"
+ls -1 "$OUT"
+[ $TESTS_RC = 0 ] || STATUS=1
+exit $STATUS
