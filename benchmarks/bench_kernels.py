@@ -118,6 +118,9 @@ def provider_fn(provider: str, shape, layer, x, res, dtype_name: str):
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
+        # One code object (ConvBNAct.forward) serves every layer: without a reset Dynamo would hit its
+        # recompile limit after a few layers and silently run the rest eagerly.
+        torch._dynamo.reset()
         compiled = torch.compile(mod, dynamic=False)
         return lambda: compiled(x, res)
     raise ValueError(provider)

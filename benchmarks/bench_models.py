@@ -85,6 +85,7 @@ def build(provider: str, base, x, master=None, *, max_autotune: bool = False):
 
         inductor_config.freezing = True
         mode = "reduce-overhead" if provider == "compile_ro" else ("max-autotune" if max_autotune else None)
+        torch._dynamo.reset()  # ResNet.forward is shared by every model: keep under the recompile limit
         return torch.compile(copy.deepcopy(base), mode=mode, dynamic=False), x
     if provider in ("fastres", "fastres_graphs"):
         import fastres
