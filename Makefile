@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastres-installed
 
-.PHONY: venv demo test test-all lint bench-smoke kernel-report clean
+.PHONY: venv demo test test-zoo test-all lint bench-smoke kernel-report clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ demo: venv
 	$(VENV)/bin/fastres demo
 
 test: venv
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not zoo"
+
+test-zoo: venv
+	$(PY) -m pytest -q tests/test_zoo.py
 
 test-all: venv
 	$(PY) -m pytest -q

@@ -13,6 +13,8 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+import torch.fx
 from torch import nn
 
 from fastres.fold import bn_fold_reason
@@ -52,8 +54,12 @@ class Entry:
 class Report:
     """What ``convert`` swapped and what it left, and why. ``str(report)`` is a table."""
 
-    entries: list[Entry] = field(default_factory=list)
+    by_path: dict[str, Entry] = field(default_factory=dict)
     convs_total: int = 0
+
+    @property
+    def entries(self) -> list[Entry]:
+        return list(self.by_path.values())
 
     @property
     def convs_fused(self) -> int:
@@ -67,8 +73,13 @@ class Report:
     def left(self) -> list[Entry]:
         return [e for e in self.entries if e.result == "left"]
 
-    def add(self, path, module, result, detail="", convs=0) -> None:
-        self.entries.append(Entry(path or "(root)", type(module).__name__, result, detail, convs))
+    def add(self, path, module, result, detail="", convs=0, original: str | None = None) -> None:
+        """Record one candidate; a later pass that fuses the same path replaces the earlier entry."""
+        path = path or "(root)"
+        old = self.by_path.get(path)
+        if original is None:
+            original = old.original if old is not None else type(module).__name__
+        self.by_path[path] = Entry(path, original, result, detail, convs)
 
     def __str__(self) -> str:
         rows = [("module", "original", "became", "detail")]
@@ -85,6 +96,10 @@ class Report:
             "convs_total": self.convs_total,
             "entries": [vars(e) for e in self.entries],
         }
+
+
+def _parts(conv: FusedConvBNAct2d) -> str:
+    return "+".join(["conv", "bn"] + (["relu"] if conv.folded_act is not None else []))
 
 
 def _join(prefix: str, name: str) -> str:
@@ -130,14 +145,21 @@ class _Walker:
             self.resnet(module, path)
         recorded = self.sequential(module, path) if _is_plain_sequential(module) else set()
         for name, child in module.named_children():
-            if isinstance(child, (FusedConvBNAct2d, _PassThroughWhenFused, FusedHead)) or name in recorded:
+            if name in recorded or isinstance(child, (_PassThroughWhenFused, FusedHead)):
                 continue  # recorded by the pattern that made them
+            if isinstance(child, FusedConvBNAct2d):
+                child_path = _join(path, name)
+                if child_path not in self.report.by_path:
+                    self.report.add(
+                        child_path, child, type(child).__name__, f"{_parts(child)}, already fused", 1
+                    )
+                continue
             if type(child) is nn.Conv2d:
                 self.report.add(
                     _join(path, name),
                     child,
                     "left",
-                    "not followed by BatchNorm2d in a Sequential or a ResNet block/stem",
+                    "no BatchNorm2d takes its output alone (by structure, or by torch.fx where traceable)",
                 )
                 continue
             self.visit(child, _join(path, name))
@@ -217,9 +239,8 @@ class _Walker:
         while i < len(names):
             conv = seq._modules[names[i]]
             if isinstance(conv, FusedConvBNAct2d):
-                parts = "+".join(["conv", "bn"] + (["relu"] if conv.folded_act is not None else []))
                 self.report.add(
-                    _join(path, names[i]), conv, type(conv).__name__, f"{parts}, already fused", 1
+                    _join(path, names[i]), conv, type(conv).__name__, f"{_parts(conv)}, already fused", 1
                 )
                 i += 1
                 continue
@@ -268,17 +289,110 @@ class _Walker:
         setattr(parent, name, new)
 
 
+class _LeafTracer(torch.fx.Tracer):
+    """Traces a model's own code; our modules, torch.nn's and the norm layers are leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (FusedConvBNAct2d, _PassThroughWhenFused, FusedHead, _FusedBlock) + _NORMS):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _fx_runs(module: nn.Module) -> list[tuple[str, str, str | None]] | None:
+    """(conv, bn, relu-or-None) module paths whose data flow is conv → bn (→ ReLU module) and nothing
+    else, found by tracing ``module`` with torch.fx; None when it cannot be traced."""
+    try:
+        graph = _LeafTracer().trace(module)
+    except Exception:  # noqa: BLE001 - any Python the tracer cannot follow: try the children instead
+        return None
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    def only_user(node, kind):
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or calls[users[0].target] != 1:
+            return None
+        user = users[0]
+        if user.args != (node,) or user.kwargs:
+            return None
+        return user if isinstance(module.get_submodule(user.target), kind) else None
+
+    runs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1:
+            continue
+        if type(module.get_submodule(node.target)) is not nn.Conv2d:
+            continue
+        bn = only_user(node, _NORMS)
+        if bn is None:
+            continue
+        act = only_user(bn, nn.ReLU)
+        if act is not None and type(module.get_submodule(act.target)) is not nn.ReLU:
+            act = None
+        runs.append((node.target, bn.target, act.target if act is not None else None))
+    return runs
+
+
+def _fx_pass(walker: _Walker, module: nn.Module, path: str, shared: set[int]) -> None:
+    """Fuse conv → BN (→ ReLU) runs anywhere, by data flow; recurse where tracing fails."""
+    if isinstance(module, (FusedConvBNAct2d, _PassThroughWhenFused, FusedHead, _FusedBlock)):
+        return
+    runs = _fx_runs(module)
+    if runs is None:
+        for name, child in module.named_children():
+            _fx_pass(walker, child, _join(path, name), shared)
+        return
+    for conv_path, bn_path, act_path in runs:
+        conv, bn = module.get_submodule(conv_path), module.get_submodule(bn_path)
+        act = module.get_submodule(act_path) if act_path else None
+        full = _join(path, conv_path)
+        if any(id(m) in shared for m in (conv, bn, act) if m is not None):
+            walker.report.add(full, conv, "left", "module is used at more than one place in the model")
+            continue
+        reason = conv_fold_reason(conv) or bn_fold_reason(bn)
+        if reason is None and not walker.allowed(conv, full):
+            reason = "excluded by filter_fn"
+        if reason:
+            walker.report.add(full, conv, "left", reason)
+            continue
+        if not walker.apply:
+            walker.unapplied(full, conv)
+            continue
+        new = FusedConvBNAct2d.from_modules(conv, bn, act)
+        new._fastres_name = full
+        walker.report.add(full, conv, "FusedConvBNAct2d", f"{_parts(new)} (found by torch.fx)", convs=1)
+        for sub, replacement in ((conv_path, new), (bn_path, new.folded_bn), (act_path, new.folded_act)):
+            if sub:
+                parent, _, name = sub.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, name, replacement)
+
+
+def _shared_modules(model: nn.Module) -> set[int]:
+    seen: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        seen[id(m)] = seen.get(id(m), 0) + 1
+    return {k for k, v in seen.items() if v > 1}
+
+
 def _count_convs(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 def convert(
-    model: nn.Module, *, inplace: bool = False, filter_fn: FilterFn | None = None, verbose: bool = False
+    model: nn.Module,
+    *,
+    inplace: bool = False,
+    filter_fn: FilterFn | None = None,
+    verbose: bool = False,
+    use_fx: bool = True,
 ) -> nn.Module:
     """Return ``model`` with its ResNet parts swapped for fused modules (a copy unless ``inplace``).
 
     ``filter_fn(module, fqn) -> bool`` chooses which candidates to swap. The original model is
-    untouched unless ``inplace=True``. ``verbose=True`` prints the report table.
+    untouched unless ``inplace=True``. ``verbose=True`` prints the report table. ``use_fx``: also
+    find conv → BN (→ ReLU) runs by data flow with torch.fx, in any module it can trace.
 
     >>> fast = fastres.convert(torchvision.models.resnet50().eval())     # doctest: +SKIP
     >>> print(fastres.report(fast))                                      # doctest: +SKIP
@@ -295,6 +409,8 @@ def convert(
             "FusedBasicBlock/FusedBottleneck.from_module(block) directly"
         )
     walker.visit(model, "")
+    if use_fx:
+        _fx_pass(walker, model, "", _shared_modules(model))
     walker.report.convs_total = _count_convs(model)
     if verbose:
         print(walker.report)
@@ -306,5 +422,6 @@ def report(model: nn.Module) -> Report:
     walker = _Walker(None, apply=False)
     walker.root = model
     walker.visit(model, "")
+    _fx_pass(walker, model, "", _shared_modules(model))
     walker.report.convs_total = _count_convs(model)
     return walker.report

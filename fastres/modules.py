@@ -112,6 +112,10 @@ def conv_fold_reason(conv: nn.Module) -> str | None:
         return f"{type(conv).__name__} is not a plain Conv2d"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} (only zero padding is fused)"
+    if conv.groups > 1 and conv.groups == conv.in_channels:
+        # One input channel per group: the implicit GEMM would use 1 of every 16 MMA columns;
+        # such layers are left to cuDNN until a depthwise kernel exists.
+        return "depthwise conv (no fused depthwise kernel yet)"
     if isinstance(conv.padding, str):
         return f"padding={conv.padding!r} (string padding is not fused yet)"
     return None
