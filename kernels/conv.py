@@ -202,7 +202,8 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 def pick_config(
     m: int, c_out_g: int, c_in_g: int, r: int, s: int, dtype: torch.dtype, *, interpret: bool = INTERPRET
 ) -> ConvConfig:
-    """The block config for one conv shape (shipped tables come with the tuning issue)."""
+    """The heuristic block config for one conv shape, used where no table or autotune entry has it
+    (``fastres.kernels.tuning.select_config``), and always under the interpreter."""
     flat = c_in_g < FLAT_K_MAX_CIN
     k_extent = r * s * c_in_g if flat else c_in_g
     if interpret:
@@ -305,7 +306,34 @@ def conv_bias_act(
     if m == 0 or c_out == 0:
         return out
     c_out_g = c_out // groups
-    cfg = config or pick_config(m, c_out_g, c_in_g, r, s, x.dtype)
+    if config is None:
+        # Shipped table, then the FASTRES_AUTOTUNE cache (or a timing run), then pick_config.
+        from . import tuning  # here: tuning imports this module
+
+        config = tuning.select_config(
+            x,
+            weight,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            m=m,
+            launch=lambda c: conv_bias_act(
+                x,
+                weight,
+                bias,
+                residual=residual,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                relu=relu,
+                precision=precision,
+                out=out,
+                config=c,
+            ),
+        )
+    cfg = config
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out_g, cfg.block_n), groups)
     launchable(_conv_bias_act_fwd_kernel)[grid](

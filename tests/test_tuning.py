@@ -1,0 +1,385 @@
+"""Config tables, the autotune cache and the lookup order (fastres.kernels.tuning) on the CPU.
+
+What needs a GPU (do_bench timings, tune_model) is marked ``gpu``; everything else runs here,
+with the timing replaced by a recorded fake where the lookup order is under test.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastres.kernels import conv as kconv
+from fastres.kernels import tuning
+from fastres.kernels.conv import ConvConfig, conv_bias_act, pick_config
+from fastres.testing import assert_close
+
+FP16 = torch.float16
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Every test sees its own cache and table folders and no memory of earlier lookups."""
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTRES_CONFIG_DIR", raising=False)
+    monkeypatch.delenv("FASTRES_AUTOTUNE", raising=False)
+    tuning.clear_cache()
+    yield
+    tuning.clear_cache()
+
+
+@pytest.fixture
+def as_gpu(monkeypatch):
+    """Look up configs as the launcher would on an sm_90 GPU (CPU tensors, the kernel still interpreted)."""
+    monkeypatch.setattr(tuning, "INTERPRET", False)
+    monkeypatch.setattr(tuning, "device_arch", lambda device: "sm_90")
+
+
+def key(
+    c_in=64, c_out=64, r=3, s=3, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, m=0, dtype=FP16
+):
+    return tuning.shape_key(c_in, c_out, r, s, stride, padding, dilation, groups, m, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Keys and candidates
+
+
+def test_shape_key_is_batch_independent_within_an_m_bucket():
+    # batch 32 at 56x56 and batch 8 at 112x112 have the same M; batch 24 at 56x56 rounds up to it.
+    assert key(m=32 * 56 * 56) == key(m=8 * 112 * 112) == key(m=24 * 56 * 56)
+    assert key(m=16 * 56 * 56) != key(m=32 * 56 * 56)
+    assert key(m=32 * 56 * 56).endswith("-m131072-fp16")
+    assert key(m=1) == key(m=16) and key(m=1).endswith("-m16-fp16")
+    assert key(m=17) != key(m=16)
+
+
+def test_shape_key_separates_everything_the_config_depends_on():
+    base = dict(m=4096)
+    variants = [
+        dict(c_in=32),
+        dict(c_out=128),
+        dict(r=1, s=1, padding=(0, 0)),
+        dict(stride=(2, 2)),
+        dict(padding=(2, 2)),
+        dict(dilation=(2, 2)),
+        dict(groups=32),
+        dict(dtype=torch.float32),
+        dict(dtype=torch.bfloat16),
+        dict(m=8192),
+    ]
+    keys = {key(**base)} | {key(**{**base, **v}) for v in variants}
+    assert len(keys) == len(variants) + 1
+    with pytest.raises(TypeError, match="float64"):
+        key(dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "m, c_out_g, c_in_g, r, dtype",
+    [
+        (32 * 56 * 56, 64, 64, 3, FP16),  # ResNet layer1 3x3
+        (32 * 112 * 112, 64, 3, 7, FP16),  # stem: flat K (C_in = 3)
+        (49, 2048, 512, 1, torch.float32),  # layer4 1x1 at batch 1: M below every tile
+        (5, 19, 17, 3, FP16),  # primes
+    ],
+)
+def test_candidates_start_with_the_heuristic_and_fit_the_problem(m, c_out_g, c_in_g, r, dtype):
+    cands = tuning.candidates(m, c_out_g, c_in_g, r, r, dtype)
+    assert cands[0] == pick_config(m, c_out_g, c_in_g, r, r, dtype, interpret=False)
+    assert len(cands) == len(set(cands)) and 2 <= len(cands) <= len(tuning.CANDIDATE_TILES) + 1
+    k_extent = r * r * c_in_g if c_in_g < kconv.FLAT_K_MAX_CIN else c_in_g
+    for c in cands:
+        for block, extent in ((c.block_m, m), (c.block_n, c_out_g), (c.block_k, k_extent)):
+            assert block >= 16 and block & (block - 1) == 0
+            assert block <= max(16, 1 << (extent - 1).bit_length()), c
+    if dtype == torch.float32:  # same bytes per stage as the 16-bit tiles
+        assert max(c.block_k for c in cands) <= 32
+
+
+# --------------------------------------------------------------------------------------------
+# Table files
+
+
+def test_table_round_trip_and_merge(tmp_path):
+    path = tmp_path / "sm_90.json"
+    a, b = ConvConfig(128, 64, 32, 4, 4), ConvConfig(64, 64, 64, 8, 3)
+    tuning.write_table(path, "sm_90", {"k1": (a, 0.0123456789)}, tuned_on={"gpu": "test"})
+    assert tuning.read_table(path, strict=True) == {"k1": a}
+    data = json.loads(path.read_text())
+    assert data["tuned_on"] == {"gpu": "test"} and data["configs"]["k1"]["ms"] == pytest.approx(0.012346)
+    tuning.write_table(path, "sm_90", {"k2": (b, None)})  # merge keeps k1 and tuned_on
+    assert tuning.read_table(path, strict=True) == {"k1": a, "k2": b}
+    assert json.loads(path.read_text())["tuned_on"] == {"gpu": "test"}
+    tuning.write_table(path, "sm_90", {"k2": (a, None)}, merge=False)
+    assert tuning.read_table(path, strict=True) == {"k2": a}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sm_90.json"]  # no temp file left behind
+    with pytest.raises(ValueError, match="sm_80.json"):
+        tuning.write_table(path, "sm_80", {})
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{not json", "Expecting"),
+        ('{"format": 2, "arch": "sm_90", "configs": {}}', "format-1"),
+        ('{"format": 1, "arch": "sm_80", "configs": {}}', "sm_80"),
+    ],
+)
+def test_malformed_table_raises_when_strict_and_is_ignored_otherwise(tmp_path, content, match):
+    path = tmp_path / "sm_90.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        tuning.read_table(path, strict=True)
+    with pytest.warns(UserWarning, match="ignoring config table"):
+        assert tuning.read_table(path) == {}
+
+
+def test_malformed_entry_is_skipped_with_a_warning(tmp_path):
+    good = {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 3}
+    bad = {**good, "block_n": 48}  # not a power of two: tl.arange would reject it at compile time
+    path = tmp_path / "sm_90.json"
+    path.write_text(json.dumps({"format": 1, "arch": "sm_90", "configs": {"good": good, "bad": bad}}))
+    with pytest.raises(ValueError, match="block_n=48"):
+        tuning.read_table(path, strict=True)
+    with pytest.warns(UserWarning, match="'bad'"):
+        assert tuning.read_table(path) == {"good": ConvConfig(**good)}
+
+
+def test_shipped_tables_are_valid_and_honest():
+    folder = tuning.shipped_config_dir()
+    assert folder.is_dir() and folder.parent.name == "fastres"
+    tables = sorted(folder.glob("*.json"))
+    assert tables, "fastres/configs/ ships at least one table file"
+    for path in tables:
+        data = json.loads(path.read_text())
+        table = tuning.read_table(path, strict=True)
+        # Entries only with a record of the GPU run that measured them; none has been made yet.
+        if data["tuned_on"] is None:
+            assert table == {}, f"{path.name}: entries without tuned_on"
+        else:
+            assert data["tuned_on"].get("gpu") and data["tuned_on"].get("triton")
+
+
+# --------------------------------------------------------------------------------------------
+# Lookup order
+
+
+def _select(x_shape=(2, 64, 8, 8), w_shape=(64, 64, 3, 3), launch=None, dtype=FP16):
+    x, w = torch.empty(x_shape, dtype=dtype), torch.empty(w_shape, dtype=dtype)
+    m = x_shape[0] * x_shape[2] * x_shape[3]
+    cfg = tuning.select_config(
+        x, w, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, m=m, launch=launch
+    )
+    return cfg, key(c_in=x_shape[1], c_out=w_shape[0], m=m, dtype=dtype)
+
+
+TABLE_CFG = ConvConfig(32, 16, 16, 2, 2)
+CACHE_CFG = ConvConfig(16, 32, 16, 4, 5)
+OVERRIDE_CFG = ConvConfig(64, 32, 32, 8, 2)
+
+
+def test_interpreter_always_uses_its_fixed_config(tmp_path, monkeypatch):
+    _, k = _select()
+    tuning.write_table(tmp_path / "cfg" / "cpu.json", "cpu", {k: (TABLE_CFG, None)})
+    monkeypatch.setenv("FASTRES_CONFIG_DIR", str(tmp_path / "cfg"))
+    cfg, _ = _select()
+    assert cfg == pick_config(128, 64, 64, 3, 3, FP16, interpret=True) != TABLE_CFG
+
+
+def test_lookup_order_table_then_cache_then_heuristic(tmp_path, monkeypatch, as_gpu):
+    heuristic = pick_config(128, 64, 64, 3, 3, FP16, interpret=False)
+    cfg, k = _select()
+    assert cfg == heuristic
+    tuning.write_table(tmp_path / "cache" / "sm_90.json", "sm_90", {k: (CACHE_CFG, 0.1)})
+    tuning.clear_cache()  # a new process
+    assert _select()[0] == CACHE_CFG
+    tuning.write_table(tmp_path / "cfg" / "sm_90.json", "sm_90", {k: (TABLE_CFG, 0.1)})
+    monkeypatch.setenv("FASTRES_CONFIG_DIR", str(tmp_path / "cfg"))
+    tuning.clear_cache()
+    assert _select()[0] == TABLE_CFG
+    # Another dtype, or another M bucket, is another key: back to the heuristic.
+    assert _select(dtype=torch.float32)[0] == pick_config(128, 64, 64, 3, 3, torch.float32, interpret=False)
+    assert _select(x_shape=(4, 64, 8, 8))[0] == pick_config(256, 64, 64, 3, 3, FP16, interpret=False)
+
+
+def test_config_dir_overrides_the_shipped_table(tmp_path, monkeypatch, as_gpu):
+    _, k = _select()
+    shipped = tmp_path / "shipped"
+    tuning.write_table(shipped / "sm_90.json", "sm_90", {k: (TABLE_CFG, None)})
+    monkeypatch.setattr(tuning, "shipped_config_dir", lambda: shipped)
+    tuning.clear_cache()
+    assert _select()[0] == TABLE_CFG
+    tuning.write_table(tmp_path / "mine" / "sm_90.json", "sm_90", {k: (OVERRIDE_CFG, None)})
+    monkeypatch.setenv("FASTRES_CONFIG_DIR", str(tmp_path / "mine"))
+    tuning.clear_cache()
+    assert _select()[0] == OVERRIDE_CFG
+
+
+class FakeBench:
+    """Stands in for ``tuning.benchmark``: answers the last candidate, records each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, launch, configs):
+        self.calls.append(list(configs))
+        return configs[-1], 0.5
+
+
+def test_autotune_times_once_caches_and_later_processes_read_the_cache(tmp_path, monkeypatch, as_gpu):
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    monkeypatch.setattr(tuning, "_can_benchmark", lambda x: True)
+    fake = FakeBench()
+    monkeypatch.setattr(tuning, "benchmark", fake)
+    expected = tuning.candidates(128, 64, 64, 3, 3, FP16)
+    cfg, k = _select(launch=lambda c: None)
+    assert fake.calls == [expected] and cfg == expected[-1]
+    assert tuning.read_table(tmp_path / "cache" / "sm_90.json", strict=True) == {k: expected[-1]}
+    assert (
+        json.loads((tmp_path / "cache" / "sm_90.json").read_text())["tuned_on"]["torch"] == torch.__version__
+    )
+    assert _select(launch=lambda c: None)[0] == cfg and len(fake.calls) == 1  # remembered in-process
+    tuning.clear_cache()  # a new process: read from the cache file, not timed again
+    assert _select(launch=lambda c: None)[0] == cfg and len(fake.calls) == 1
+
+
+def test_autotune_waits_while_it_cannot_time(monkeypatch, as_gpu):
+    """Fake tensors (torch.compile tracing) or graph capture: heuristic now, tune on a later launch."""
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    fake = FakeBench()
+    monkeypatch.setattr(tuning, "benchmark", fake)
+    heuristic = pick_config(128, 64, 64, 3, 3, FP16, interpret=False)
+    assert _select(launch=lambda c: None)[0] == heuristic  # CPU tensors: _can_benchmark is False
+    assert fake.calls == []
+    monkeypatch.setattr(tuning, "_can_benchmark", lambda x: True)
+    assert _select(launch=lambda c: None)[0] != heuristic and len(fake.calls) == 1
+
+
+def test_benchmark_picks_the_fastest_and_skips_configs_that_fail(monkeypatch):
+    import triton.testing
+
+    times = {ConvConfig(16, 16, 16): 3.0, ConvConfig(32, 16, 16): 1.0, ConvConfig(64, 16, 16): 2.0}
+    broken = ConvConfig(128, 16, 16)
+
+    def launch(cfg):
+        if cfg == broken:
+            raise RuntimeError("out of resources: shared memory")
+        launched.append(cfg)
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        assert (warmup, rep, return_mode) == (tuning.BENCH_WARMUP_MS, tuning.BENCH_REP_MS, "median")
+        fn()
+        return times[launched[-1]]
+
+    launched = []
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    with pytest.warns(UserWarning, match="skipping"):
+        best = tuning.benchmark(launch, [*times, broken])
+    assert best == (ConvConfig(32, 16, 16), 1.0) and launched == list(times)
+    with pytest.warns(UserWarning):
+        assert tuning.benchmark(launch, [broken]) is None
+
+
+def test_tune_session_retunes_every_shape_and_records_it(tmp_path, monkeypatch, as_gpu):
+    _, k = _select()
+    tuning.write_table(tmp_path / "cache" / "sm_90.json", "sm_90", {k: (CACHE_CFG, 0.1)})
+    tuning.clear_cache()
+    monkeypatch.setattr(tuning, "_can_benchmark", lambda x: True)
+    fake = FakeBench()
+    monkeypatch.setattr(tuning, "benchmark", fake)
+    with tuning.tune_session() as session:
+        cfg, _ = _select(launch=lambda c: None)
+        _select(launch=lambda c: None)  # the same shape again: tuned once
+        with pytest.raises(RuntimeError, match="already"), tuning.tune_session():
+            pass
+    assert cfg != CACHE_CFG and session == {k: (cfg, 0.5)} and len(fake.calls) == 1
+    assert _select()[0] == CACHE_CFG  # outside the session the lookup order is back
+
+
+def test_tune_model_needs_a_gpu():
+    from fastres.tuning import tune_model
+
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        tune_model(torch.nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8), "unused")
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher asks the tuning layer
+
+
+def test_launcher_runs_the_table_config(tmp_path, monkeypatch, as_gpu):
+    """conv_bias_act with config=None launches with the table's blocks, and computes the same values."""
+    x = torch.randn(2, 24, 9, 7).to(memory_format=torch.channels_last)
+    w = torch.randn(40, 24, 3, 3) * 0.2
+    b = torch.randn(40)
+    m = 2 * 9 * 7
+    k = tuning.shape_key(24, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1, m, torch.float32)
+    table_cfg = ConvConfig(block_m=32, block_n=16, block_k=16, num_warps=2, num_stages=2)
+    tuning.write_table(tmp_path / "cfg" / "sm_90.json", "sm_90", {k: (table_cfg, None)})
+    monkeypatch.setenv("FASTRES_CONFIG_DIR", str(tmp_path / "cfg"))
+
+    seen = []
+    real = kconv.launchable
+
+    def spy(kernel):
+        launcher = real(kernel)
+
+        class Spy:
+            def __getitem__(self, grid):
+                def run(*args, **meta):
+                    seen.append((grid, {n: meta[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps")}))
+                    return launcher[grid](*args, **meta)
+
+                return run
+
+        return Spy()
+
+    monkeypatch.setattr(kconv, "launchable", spy)
+    y = conv_bias_act(x, w, b, padding=1, precision="ieee")
+    assert seen == [((4 * 3, 1), dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=2))]
+    ref = torch.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1))
+    assert_close(y, ref, rel=1e-5, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# On a GPU
+
+
+@pytest.mark.gpu
+def test_autotune_on_gpu_writes_the_cache_and_stays_correct(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTRES_AUTOTUNE", "1")
+    x = torch.randn(4, 64, 14, 14, device="cuda", dtype=FP16).to(memory_format=torch.channels_last)
+    w = (torch.randn(128, 64, 3, 3, device="cuda") * 0.05).half()
+    b = torch.randn(128, device="cuda")
+    y = conv_bias_act(x, w, b, padding=1)
+    arch = tuning.device_arch(x.device)
+    table = tuning.read_table(tmp_path / "cache" / f"{arch}.json", strict=True)
+    k = tuning.shape_key(64, 128, 3, 3, (1, 1), (1, 1), (1, 1), 1, 4 * 14 * 14, FP16)
+    assert list(table) == [k] and table[k] in tuning.candidates(4 * 14 * 14, 128, 64, 3, 3, FP16)
+    ref = torch.relu(F.conv2d(x.float(), w.float(), b, padding=1))
+    assert_close(y, ref, rel=5e-3, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_tune_model_writes_a_table_that_the_lookup_uses(tmp_path, monkeypatch):
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    from fastres.tuning import tune_model
+
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval().cuda().half()
+    x = torch.randn(2, 3, 32, 32, device="cuda", dtype=FP16)
+    path = tune_model(model, x, tmp_path / "cfg", verbose=False)
+    arch = tuning.device_arch(x.device)
+    assert path == tmp_path / "cfg" / f"{arch}.json"
+    data = json.loads(path.read_text())
+    table = tuning.read_table(path, strict=True)
+    # 12 convs: stem, layer1's two (one shape), conv1 + conv2 + projection in layers 2-4
+    assert len(table) == 11 and data["tuned_on"]["gpu"]
+    assert all(v["ms"] > 0 for v in data["configs"].values())
+    monkeypatch.setenv("FASTRES_CONFIG_DIR", str(tmp_path / "cfg"))
+    tuning.clear_cache()
+    stem_key = tuning.shape_key(3, 64, 7, 7, (2, 2), (3, 3), (1, 1), 1, 2 * 16 * 16, FP16)
+    w = torch.empty(64, 3, 7, 7, device="cuda", dtype=FP16)
+    cfg = tuning.select_config(x, w, stride=(2, 2), padding=(3, 3), dilation=(1, 1), groups=1, m=2 * 16 * 16)
+    assert cfg == table[stem_key]
