@@ -27,6 +27,9 @@ _EXPORTS = {
     "FusedHead": "fastres.modules",
     "FusedStem": "fastres.modules",
     "refold": "fastres.modules",
+    "tune_model": "fastres.tuning",
+    "warmup": "fastres.warm",
+    "WarmupReport": "fastres.warm",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,0 +1,162 @@
+"""``warmup``: run a model once so that its first real forward compiles and folds nothing.
+
+On a GPU the first forward of a converted model compiles one Triton kernel per conv
+specialization (seconds each) and folds every BatchNorm; ``warmup`` does that up front, with
+progress, and says what it did.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fastres.fold import FoldCache
+from fastres.kernels import conv as _conv
+from fastres.kernels import pool as _pool
+from fastres.modules import FusedConvBNAct2d, FusedHead, _FusedBlock
+
+
+@dataclass
+class LayerWarmup:
+    name: str
+    kind: str
+    seconds: float
+    kernels: int | None  # kernels compiled during this layer's forward; None under the interpreter
+    folds: int  # BN folds made during it
+
+
+@dataclass
+class WarmupReport:
+    """What ``warmup`` ran: one row per fused module, in the order they ran."""
+
+    layers: list[LayerWarmup] = field(default_factory=list)
+    seconds: float = 0.0
+    kernels: int | None = None
+    folds: int = 0
+
+    def __str__(self) -> str:
+        compiled = (
+            "interpreted, nothing compiled" if self.kernels is None else f"{self.kernels} kernels compiled"
+        )
+        return (
+            f"fastres warmup: {len(self.layers)} fused modules ran, {compiled}, "
+            f"{self.folds} folds made, {self.seconds:.2f} s"
+        )
+
+
+def _compiled_kernels() -> int | None:
+    """Compiled specializations of our Triton kernels so far (None when none is a compiled
+    JITFunction, i.e. under the interpreter). Reads triton's per-device cache, whose first field
+    has been the kernel dict since triton 3.0."""
+    total, found = 0, False
+    for mod in (_conv, _pool):
+        for value in vars(mod).values():
+            caches = getattr(value, "device_caches", None)
+            if not isinstance(caches, dict):
+                continue
+            found = True
+            for entry in list(caches.values()):
+                try:
+                    total += len(entry[0])
+                except (TypeError, IndexError):
+                    pass
+    return total if found else None
+
+
+def _fold_count(module: nn.Module) -> int:
+    total = 0
+    for cache in list(vars(module).get("_folds", {}).values()) + [vars(module).get("_fold")]:
+        if isinstance(cache, FoldCache):
+            total += cache.folds
+    return total
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+
+
+def warmup(model: nn.Module, example_input: torch.Tensor, *, verbose: bool = True) -> WarmupReport:
+    """Run ``model(example_input)`` once under ``torch.inference_mode`` so that every kernel
+    specialization it needs is compiled and every fold is made; print one line per fused module
+    (kernels compiled, folds, seconds) when ``verbose``. Use the shape and dtype of real inputs:
+    another batch size compiles nothing new, but another dtype or resolution may. With
+    ``FASTRES_AUTOTUNE=1`` this is also when new shapes are tuned.
+
+    >>> fast = fastres.convert(model.eval().cuda().half())                 # doctest: +SKIP
+    >>> fastres.warmup(fast, torch.randn(32, 3, 224, 224, device="cuda", dtype=torch.half))  # doctest: +SKIP
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastres.warmup: expected an nn.Module, got {type(model).__name__}")
+    named = [
+        (name or "(root)", m)
+        for name, m in model.named_modules()
+        if isinstance(m, (FusedConvBNAct2d, _FusedBlock, FusedHead))
+    ]
+    if not named:
+        warnings.warn(
+            "fastres.warmup: the model has no fastres modules (run fastres.convert first)", stacklevel=2
+        )
+    if model.training:
+        warnings.warn(
+            "fastres.warmup: the model is in train mode, where the fused kernels do not run; call .eval()",
+            stacklevel=2,
+        )
+    report = WarmupReport()
+    start: dict[int, tuple[float, int | None, int]] = {}
+
+    def pre(module, args):
+        _sync(example_input)
+        start[id(module)] = (time.perf_counter(), _compiled_kernels(), _fold_count(module))
+
+    def post(module, args, output):
+        _sync(example_input)
+        t0, k0, f0 = start.pop(id(module))
+        k1 = _compiled_kernels()
+        row = LayerWarmup(
+            name=names[id(module)],
+            kind=type(module).__name__,
+            seconds=time.perf_counter() - t0,
+            kernels=None if k0 is None or k1 is None else k1 - k0,
+            folds=_fold_count(module) - f0,
+        )
+        report.layers.append(row)
+        if verbose:
+            kernels = "interpreted" if row.kernels is None else f"{row.kernels} kernels compiled"
+            print(
+                f"  [{len(report.layers)}/{len(named)}] {row.name:<28} {row.kind:<18} "
+                f"{kernels}, {row.folds} folds, {row.seconds:.2f} s",
+                flush=True,
+            )
+
+    names = {id(m): name for name, m in named}
+    handles = []
+    for _, m in named:
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    k_start = _compiled_kernels()
+    if verbose:
+        print(
+            f"fastres warmup: {len(named)} fused modules, input {tuple(example_input.shape)} "
+            f"{example_input.dtype} on {example_input.device}",
+            flush=True,
+        )
+    t_start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            model(example_input)
+        _sync(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    report.seconds = time.perf_counter() - t_start
+    k_end = _compiled_kernels()
+    report.kernels = None if k_start is None or k_end is None else k_end - k_start
+    report.folds = sum(row.folds for row in report.layers)
+    if verbose:
+        print(report, flush=True)
+    return report
