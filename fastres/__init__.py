@@ -27,6 +27,8 @@ _EXPORTS = {
     "FusedHead": "fastres.modules",
     "FusedStem": "fastres.modules",
     "refold": "fastres.modules",
+    "CUDAGraphModule": "fastres.graphs",
+    "cuda_graphs": "fastres.graphs",
     "tune_model": "fastres.tuning",
     "warmup": "fastres.warm",
     "WarmupReport": "fastres.warm",
