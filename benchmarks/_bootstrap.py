@@ -41,7 +41,8 @@ def ensure_fastres() -> str:
     if "fastres.kernels" not in sys.modules:
         init = REPO / "kernels" / "__init__.py"
         spec = importlib.util.spec_from_file_location(
-            "fastres.kernels", init, submodule_search_locations=[str(init.parent)])
+            "fastres.kernels", init, submodule_search_locations=[str(init.parent)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["fastres.kernels"] = module
         try:

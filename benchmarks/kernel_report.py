@@ -37,10 +37,24 @@ from benchmarks._bootstrap import ensure_fastres  # noqa: E402
 # registers per SM, shared memory per SM / per block (KiB), max warps and blocks per SM, SM count of the
 # reference part (H100 SXM5: 132 SMs; A100 SXM4: 108 SMs).
 ARCH_LIMITS = {
-    90: {"regs": 65536, "smem_sm_kib": 228, "smem_block_kib": 227, "warps": 64, "blocks": 32, "sms": 132,
-         "part": "H100 SXM"},
-    80: {"regs": 65536, "smem_sm_kib": 164, "smem_block_kib": 163, "warps": 64, "blocks": 32, "sms": 108,
-         "part": "A100 SXM"},
+    90: {
+        "regs": 65536,
+        "smem_sm_kib": 228,
+        "smem_block_kib": 227,
+        "warps": 64,
+        "blocks": 32,
+        "sms": 132,
+        "part": "H100 SXM",
+    },
+    80: {
+        "regs": 65536,
+        "smem_sm_kib": 164,
+        "smem_block_kib": 163,
+        "warps": 64,
+        "blocks": 32,
+        "sms": 108,
+        "part": "A100 SXM",
+    },
 }
 # Register allocation granularity: 256 registers per warp; 1 KiB of shared memory reserved per block.
 REG_ALLOC_UNIT = 256
@@ -72,16 +86,41 @@ def launch_args(shape, batch: int, dtype):
     t = MockTensor(dtype)
     # Runtime arguments by name, so a reordered signature still lines up (res = out when no residual,
     # as the launcher does; same strides either way).
-    values = dict(x_ptr=t, w_ptr=t, bias_ptr=MockTensor(torch.float32), res_ptr=t, out_ptr=t,
-                  BATCH=n, H=h, W=w, P=p, Q=q, C_IN_G=c_in_g, C_OUT_G=c_out_g)
+    values = dict(
+        x_ptr=t,
+        w_ptr=t,
+        bias_ptr=MockTensor(torch.float32),
+        res_ptr=t,
+        out_ptr=t,
+        BATCH=n,
+        H=h,
+        W=w,
+        P=p,
+        Q=q,
+        C_IN_G=c_in_g,
+        C_OUT_G=c_out_g,
+    )
     for prefix, strides in (("x", x_strides), ("w", w_strides), ("r", o_strides), ("o", o_strides)):
         dims = "ocrs" if prefix == "w" else "nchw"
         values.update({f"stride_{prefix}{d}": v for d, v in zip(dims, strides, strict=True)})
-    consts = dict(R=r, S=s, STRIDE_H=shape.stride, STRIDE_W=shape.stride, PAD_H=shape.padding,
-                  PAD_W=shape.padding, DIL_H=shape.dilation, DIL_W=shape.dilation,
-                  HAS_RESIDUAL=shape.has_residual, RELU=shape.relu, FLAT_K=c_in_g < conv.FLAT_K_MAX_CIN,
-                  DOT_PRECISION="tf32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                  GROUP_M=conv.GROUP_M)
+    consts = dict(
+        R=r,
+        S=s,
+        STRIDE_H=shape.stride,
+        STRIDE_W=shape.stride,
+        PAD_H=shape.padding,
+        PAD_W=shape.padding,
+        DIL_H=shape.dilation,
+        DIL_W=shape.dilation,
+        HAS_RESIDUAL=shape.has_residual,
+        RELU=shape.relu,
+        FLAT_K=c_in_g < conv.FLAT_K_MAX_CIN,
+        DOT_PRECISION="tf32",
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=conv.GROUP_M,
+    )
     names = [a for a in conv._conv_bias_act_fwd_kernel.arg_names if a not in consts]
     unknown = [a for a in names if a not in values]
     if unknown:
@@ -120,8 +159,19 @@ def _ptxas_info(ptx: str, arch_name: str) -> dict:
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
-        out = subprocess.run([_tool("ptxas"), "-v", "--regAllocOptLevel=2", f"--gpu-name={arch_name}",
-                              str(src), "-o", str(Path(d) / "k.cubin")], capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                _tool("ptxas"),
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={arch_name}",
+                str(src),
+                "-o",
+                str(Path(d) / "k.cubin"),
+            ],
+            capture_output=True,
+            text=True,
+        )
     log = out.stdout + out.stderr
     info = {"ptxas_rc": out.returncode}
     m = re.search(r"Used (\d+) registers", log)
@@ -140,10 +190,13 @@ def _sass_counts(cubin: bytes) -> dict:
         path.write_bytes(cubin)
         out = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True)
     sass = out.stdout
-    return {"sass_hgmma": len(re.findall(r"\bHGMMA\.", sass)),
-            "sass_hmma": len(re.findall(r"\bHMMA\.", sass)),
-            "sass_stl": len(re.findall(r"\bSTL\b", sass)), "sass_ldl": len(re.findall(r"\bLDL\b", sass)),
-            "sass_ok": out.returncode == 0 and bool(sass.strip())}
+    return {
+        "sass_hgmma": len(re.findall(r"\bHGMMA\.", sass)),
+        "sass_hmma": len(re.findall(r"\bHMMA\.", sass)),
+        "sass_stl": len(re.findall(r"\bSTL\b", sass)),
+        "sass_ldl": len(re.findall(r"\bLDL\b", sass)),
+        "sass_ok": out.returncode == 0 and bool(sass.strip()),
+    }
 
 
 def occupancy(arch: int, regs: int, smem: int, num_warps: int) -> dict:
@@ -153,18 +206,29 @@ def occupancy(arch: int, regs: int, smem: int, num_warps: int) -> dict:
     by_smem = (lim["smem_sm_kib"] * 1024) // (smem + SMEM_RESERVED_PER_BLOCK)
     by_warps = lim["warps"] // num_warps
     blocks = min(by_regs, by_smem, by_warps, lim["blocks"])
-    limiter = min((("registers", by_regs), ("shared memory", by_smem), ("warps", by_warps),
-                   ("blocks", lim["blocks"])), key=lambda t: t[1])[0]
-    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * num_warps,
-            "occupancy": blocks * num_warps / lim["warps"], "limited_by": limiter}
+    limiter = min(
+        (("registers", by_regs), ("shared memory", by_smem), ("warps", by_warps), ("blocks", lim["blocks"])),
+        key=lambda t: t[1],
+    )[0]
+    return {
+        "blocks_per_sm": blocks,
+        "warps_per_sm": blocks * num_warps,
+        "occupancy": blocks * num_warps / lim["warps"],
+        "limited_by": limiter,
+    }
 
 
 def analyse(ck, arch: int, num_warps: int) -> dict:
     ptx = ck.asm["ptx"]
     arch_name = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
-    info = {"arch_name": arch_name, "shared_bytes": int(ck.metadata.shared),
-            "ptx_wgmma": ptx.count("wgmma.mma_async"), "ptx_mma_sync": ptx.count("mma.sync"),
-            **_ptxas_info(ptx, arch_name), **_sass_counts(ck.asm["cubin"])}
+    info = {
+        "arch_name": arch_name,
+        "shared_bytes": int(ck.metadata.shared),
+        "ptx_wgmma": ptx.count("wgmma.mma_async"),
+        "ptx_mma_sync": ptx.count("mma.sync"),
+        **_ptxas_info(ptx, arch_name),
+        **_sass_counts(ck.asm["cubin"]),
+    }
     info.update(occupancy(arch, info["regs"] or 0, info["shared_bytes"], num_warps))
     flags = []
     if info["spill_store_bytes"] or info["spill_load_bytes"]:
@@ -179,12 +243,19 @@ def analyse(ck, arch: int, num_warps: int) -> dict:
     if info["regs"] is None:
         flags.append("PTXAS_FAILED")
     info["flags"] = flags
-    info["tensor_core"] = ("wgmma" if info["ptx_wgmma"] else "mma.sync" if info["ptx_mma_sync"] else "none")
+    info["tensor_core"] = "wgmma" if info["ptx_wgmma"] else "mma.sync" if info["ptx_mma_sync"] else "none"
     return info
 
 
-def build_report(model: str = "resnet50", batch: int = 32, dtype_name: str = "fp16", archs=(90, 80),
-                 image: int = 224, layers=None, progress=print) -> dict:
+def build_report(
+    model: str = "resnet50",
+    batch: int = 32,
+    dtype_name: str = "fp16",
+    archs=(90, 80),
+    image: int = 224,
+    layers=None,
+    progress=print,
+) -> dict:
     """Compile every distinct conv layer of ``model`` for each arch; one record per (layer, arch)."""
     import triton
 
@@ -214,39 +285,64 @@ def build_report(model: str = "resnet50", batch: int = 32, dtype_name: str = "fp
             info = cache[key]
             lim = ARCH_LIMITS[arch]
             waves = grid / max(1, info["blocks_per_sm"] * lim["sms"])
-            rec = {"layer": shape.name, "class": layer_class(shape), "count": li.count, "arch": arch,
-                   "batch": batch, "dtype": dtype_name,
-                   "gemm_mnk": list(shape.gemm(batch)), "grid": grid, "waves": round(waves, 2),
-                   "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "block_k": cfg.block_k,
-                              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                              "flat_k": consts["FLAT_K"]},
-                   "compile_s": round(time.monotonic() - t0, 2), "cached": hit,
-                   **info}
+            rec = {
+                "layer": shape.name,
+                "class": layer_class(shape),
+                "count": li.count,
+                "arch": arch,
+                "batch": batch,
+                "dtype": dtype_name,
+                "gemm_mnk": list(shape.gemm(batch)),
+                "grid": grid,
+                "waves": round(waves, 2),
+                "config": {
+                    "block_m": cfg.block_m,
+                    "block_n": cfg.block_n,
+                    "block_k": cfg.block_k,
+                    "num_warps": cfg.num_warps,
+                    "num_stages": cfg.num_stages,
+                    "flat_k": consts["FLAT_K"],
+                },
+                "compile_s": round(time.monotonic() - t0, 2),
+                "cached": hit,
+                **info,
+            }
             records.append(rec)
-            progress(f"  sm_{arch} {shape.name:<34} regs {info['regs']!s:>4} "
-                     f"spill {info['spill_store_bytes']!s:>5}B "
-                     f"smem {info['shared_bytes'] // 1024:>4}KiB {info['tensor_core']:<8} occ "
-                     f"{info['occupancy']:.2f} {' '.join(info['flags'])}{' (cached)' if hit else ''}")
-    return {"env": env_info(), "args": {"model": model, "batch": batch, "dtype": dtype_name,
-                                        "archs": list(archs), "image": image},
-            "limits": ARCH_LIMITS, "distinct_compiles": len(cache),
-            "elapsed_s": round(time.monotonic() - t_all, 1), "records": records}
+            progress(
+                f"  sm_{arch} {shape.name:<34} regs {info['regs']!s:>4} "
+                f"spill {info['spill_store_bytes']!s:>5}B "
+                f"smem {info['shared_bytes'] // 1024:>4}KiB {info['tensor_core']:<8} occ "
+                f"{info['occupancy']:.2f} {' '.join(info['flags'])}{' (cached)' if hit else ''}"
+            )
+    return {
+        "env": env_info(),
+        "args": {"model": model, "batch": batch, "dtype": dtype_name, "archs": list(archs), "image": image},
+        "limits": ARCH_LIMITS,
+        "distinct_compiles": len(cache),
+        "elapsed_s": round(time.monotonic() - t_all, 1),
+        "records": records,
+    }
 
 
 def to_markdown(doc: dict) -> str:
     a = doc["args"]
-    lines = [f"### Kernel report: {a['model']} at {a['image']}, batch {a['batch']}, {a['dtype']} "
-             f"(compiled on the CPU, triton {doc['env']['triton']})", "",
-             "| arch | layer | class | config (BMxBNxBK w/s) | regs | spill B | smem KiB | tensor core | "
-             "occupancy | waves | flags |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### Kernel report: {a['model']} at {a['image']}, batch {a['batch']}, {a['dtype']} "
+        f"(compiled on the CPU, triton {doc['env']['triton']})",
+        "",
+        "| arch | layer | class | config (BMxBNxBK w/s) | regs | spill B | smem KiB | tensor core | "
+        "occupancy | waves | flags |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in doc["records"]:
         c = r["config"]
-        lines.append(f"| sm_{r['arch']} | {r['layer']} | {r['class']} | "
-                     f"{c['block_m']}x{c['block_n']}x{c['block_k']} "
-                     f"{c['num_warps']}/{c['num_stages']} | {r['regs']} | {r['spill_store_bytes']} | "
-                     f"{r['shared_bytes'] / 1024:.0f} | {r['tensor_core']} | {r['occupancy']:.2f} "
-                     f"({r['limited_by']}) | {r['waves']} | {' '.join(r['flags']) or '-'} |")
+        lines.append(
+            f"| sm_{r['arch']} | {r['layer']} | {r['class']} | "
+            f"{c['block_m']}x{c['block_n']}x{c['block_k']} "
+            f"{c['num_warps']}/{c['num_stages']} | {r['regs']} | {r['spill_store_bytes']} | "
+            f"{r['shared_bytes'] / 1024:.0f} | {r['tensor_core']} | {r['occupancy']:.2f} "
+            f"({r['limited_by']}) | {r['waves']} | {' '.join(r['flags']) or '-'} |"
+        )
     flagged = sorted({(r["arch"], f) for r in doc["records"] for f in r["flags"]})
     lines += ["", "Flags: " + (", ".join(f"sm_{a}: {f}" for a, f in flagged) if flagged else "none")]
     return "\n".join(lines) + "\n"
@@ -264,8 +360,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        cmd = [sys.executable, "-m", "benchmarks.kernel_report",
-               *(argv if argv is not None else sys.argv[1:])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.kernel_report",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
         repo = str(Path(__file__).resolve().parent.parent)
         return subprocess.run(cmd, env=env, cwd=repo).returncode
     from benchmarks.common import write_run
@@ -280,8 +380,9 @@ def main(argv=None) -> int:
         if missing:
             raise SystemExit(f"unknown layer(s) {missing}; known: {sorted(by_name)}")
         layers = [by_name[n] for n in wanted]
-    doc = build_report(args.model, args.batch, args.dtype, tuple(int(a) for a in args.archs.split(",")),
-                       layers=layers)
+    doc = build_report(
+        args.model, args.batch, args.dtype, tuple(int(a) for a in args.archs.split(",")), layers=layers
+    )
     path = write_run(doc, args.out, "kernel_report")
     md = Path(args.md) if args.md else path.with_suffix(".md")
     md.write_text(to_markdown(doc))

@@ -14,8 +14,11 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: torch.dtype) -> tuple[to
     """(W·s in ``dtype``, channels_last as cuDNN likes it; (b − μ)·s + β in float64);
     s = γ / sqrt(var + eps)."""
     w = conv.weight.detach().double()
-    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64,
-                                                                            device=w.device)
+    b = (
+        conv.bias.detach().double()
+        if conv.bias is not None
+        else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    )
     s = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
     if bn.weight is not None:
         s = s * bn.weight.detach().double()
@@ -31,8 +34,16 @@ class ConvBNAct(nn.Module):
 
     def __init__(self, shape):
         super().__init__()
-        self.conv = nn.Conv2d(shape.c, shape.k, (shape.r, shape.s), shape.stride, shape.padding,
-                              shape.dilation, shape.groups, bias=False)
+        self.conv = nn.Conv2d(
+            shape.c,
+            shape.k,
+            (shape.r, shape.s),
+            shape.stride,
+            shape.padding,
+            shape.dilation,
+            shape.groups,
+            bias=False,
+        )
         self.bn = nn.BatchNorm2d(shape.k)
         self.relu = shape.relu
 

@@ -26,15 +26,24 @@ if __package__ in (None, ""):
 
 from benchmarks.shapes import BYTES, DEFAULT_MODELS, layer_class, model_convs, unique_layers  # noqa: E402
 
-H100_SXM = {"name": "H100 SXM5 (datasheet, dense)", "tflops": {"fp16": 989.4, "bf16": 989.4, "tf32": 494.7,
-                                                                 "fp32": 66.9},
-            "hbm_tbps": 3.35,
-            "source": "NVIDIA H100 Tensor Core GPU datasheet: SXM5 dense tensor-core throughput, "
-                      "HBM3 bandwidth"}
+H100_SXM = {
+    "name": "H100 SXM5 (datasheet, dense)",
+    "tflops": {"fp16": 989.4, "bf16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "hbm_tbps": 3.35,
+    "source": "NVIDIA H100 Tensor Core GPU datasheet: SXM5 dense tensor-core throughput, HBM3 bandwidth",
+}
 MODEL_ARCHS = ("resnet18", "resnet50", "resnet101", "resnet152")
-_FUSED_INTO_CONV = ("aten::convolution", "aten::_native_batch_norm_legit_no_training",
-                    "aten::native_batch_norm", "aten::batch_norm", "aten::cudnn_convolution",
-                    "aten::relu_", "aten::relu", "aten::add_", "aten::add")
+_FUSED_INTO_CONV = (
+    "aten::convolution",
+    "aten::_native_batch_norm_legit_no_training",
+    "aten::native_batch_norm",
+    "aten::batch_norm",
+    "aten::cudnn_convolution",
+    "aten::relu_",
+    "aten::relu",
+    "aten::add_",
+    "aten::add",
+)
 
 
 def eager_ops(arch: str, batch: int, dtype: str = "fp16", image: int = 224) -> list[dict]:
@@ -54,10 +63,10 @@ def eager_ops(arch: str, batch: int, dtype: str = "fp16", image: int = 224) -> l
             # views and allocations (empty, empty_like) launch no kernel
             name = func.overloadpacket._qualified_op_name
             if not func.is_view and name not in ("aten::detach",) and not name.startswith("aten::empty"):
-                nbytes = lambda ts: sum(t.numel() * t.element_size() for t in tree_leaves(ts)
-                                        if isinstance(t, torch.Tensor))
-                ops.append({"op": name, "read": nbytes((args, kwargs)),
-                            "write": nbytes(out)})
+                nbytes = lambda ts: sum(
+                    t.numel() * t.element_size() for t in tree_leaves(ts) if isinstance(t, torch.Tensor)
+                )
+                ops.append({"op": name, "read": nbytes((args, kwargs)), "write": nbytes(out)})
             return out
 
     with torch.device("meta"):
@@ -80,58 +89,106 @@ def model_traffic(arch: str, batch: int, dtype: str = "fp16", image: int = 224) 
     for o in ops:
         by_op[o["op"]] = by_op.get(o["op"], 0) + 1
     fast_bytes = conv_bytes + rest_bytes
-    return {"arch": arch, "batch": batch, "dtype": dtype, "image": image,
-            "eager": {"launches": len(ops), "bytes": eager_bytes, "bytes_per_image": eager_bytes / batch,
-                      "ops": by_op},
-            "fastres": {"launches": len(convs) + len(rest), "bytes": fast_bytes,
-                        "bytes_per_image": fast_bytes / batch, "convs": len(convs),
-                        "other_ops": sorted({o["op"] for o in rest})},
-            "flops": sum(s.flops(batch) for _, s in convs)}
+    return {
+        "arch": arch,
+        "batch": batch,
+        "dtype": dtype,
+        "image": image,
+        "eager": {
+            "launches": len(ops),
+            "bytes": eager_bytes,
+            "bytes_per_image": eager_bytes / batch,
+            "ops": by_op,
+        },
+        "fastres": {
+            "launches": len(convs) + len(rest),
+            "bytes": fast_bytes,
+            "bytes_per_image": fast_bytes / batch,
+            "convs": len(convs),
+            "other_ops": sorted({o["op"] for o in rest}),
+        },
+        "flops": sum(s.flops(batch) for _, s in convs),
+    }
 
 
 def layer_floor(shape, batch: int, dtype: str, tflops: float, tbps: float) -> dict:
     f = shape.flops(batch)
     b = shape.bytes(batch, dtype)["total"]
     t_c, t_m = f / (tflops * 1e12), b / (tbps * 1e12)
-    return {"flops": f, "bytes": b, "ai": f / b, "floor_us": max(t_c, t_m) * 1e6,
-            "compute_us": t_c * 1e6, "memory_us": t_m * 1e6, "bound": "compute" if t_c >= t_m else "memory"}
+    return {
+        "flops": f,
+        "bytes": b,
+        "ai": f / b,
+        "floor_us": max(t_c, t_m) * 1e6,
+        "compute_us": t_c * 1e6,
+        "memory_us": t_m * 1e6,
+        "bound": "compute" if t_c >= t_m else "memory",
+    }
 
 
-def build(models=MODEL_ARCHS, layer_models=DEFAULT_MODELS, batches=(1, 32, 256), layer_batches=(32, 256),
-          dtype: str = "fp16", gpu: dict = H100_SXM, image: int = 224) -> dict:
+def build(
+    models=MODEL_ARCHS,
+    layer_models=DEFAULT_MODELS,
+    batches=(1, 32, 256),
+    layer_batches=(32, 256),
+    dtype: str = "fp16",
+    gpu: dict = H100_SXM,
+    image: int = 224,
+) -> dict:
     tflops, tbps = gpu["tflops"][dtype], gpu["hbm_tbps"]
     traffic = [model_traffic(a, n, dtype, image) for a in models for n in batches]
     layers = []
     for li in unique_layers(tuple(layer_models), image):
         for n in layer_batches:
-            layers.append({"layer": li.shape.name, "class": layer_class(li.shape), "count": li.count,
-                           "models": sorted(li.per_model), "batch": n, "dtype": dtype,
-                           **layer_floor(li.shape, n, dtype, tflops, tbps)})
-    return {"params": {"gpu": gpu, "dtype": dtype, "bytes_per_element": BYTES[dtype], "image": image},
-            "models": traffic, "layers": layers}
+            layers.append(
+                {
+                    "layer": li.shape.name,
+                    "class": layer_class(li.shape),
+                    "count": li.count,
+                    "models": sorted(li.per_model),
+                    "batch": n,
+                    "dtype": dtype,
+                    **layer_floor(li.shape, n, dtype, tflops, tbps),
+                }
+            )
+    return {
+        "params": {"gpu": gpu, "dtype": dtype, "bytes_per_element": BYTES[dtype], "image": image},
+        "models": traffic,
+        "layers": layers,
+    }
 
 
 def to_markdown(doc: dict) -> str:
     p = doc["params"]
     g = p["gpu"]
-    lines = [f"### Launches and HBM bytes per image ({p['dtype']}, {p['image']}x{p['image']}; model, "
-             "not measured)", "",
-             "| model | batch | eager launches | fastres launches | eager MB/image | fastres MB/image "
-             "| ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### Launches and HBM bytes per image ({p['dtype']}, {p['image']}x{p['image']}; model, "
+        "not measured)",
+        "",
+        "| model | batch | eager launches | fastres launches | eager MB/image | fastres MB/image | ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in doc["models"]:
         e, f = m["eager"], m["fastres"]
-        lines.append(f"| {m['arch']} | {m['batch']} | {e['launches']} | {f['launches']} | "
-                     f"{e['bytes_per_image'] / 1e6:.1f} | {f['bytes_per_image'] / 1e6:.1f} | "
-                     f"{e['bytes_per_image'] / f['bytes_per_image']:.2f}x |")
-    lines += ["", f"Roofline floor per layer on {g['name']}: {g['tflops'][p['dtype']]} TFLOP/s, "
-              f"{g['hbm_tbps']} TB/s ({g['source']}).", "",
-              "| layer | class | count | batch | GFLOP | MB | FLOP/B | floor us | bound |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {m['arch']} | {m['batch']} | {e['launches']} | {f['launches']} | "
+            f"{e['bytes_per_image'] / 1e6:.1f} | {f['bytes_per_image'] / 1e6:.1f} | "
+            f"{e['bytes_per_image'] / f['bytes_per_image']:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Roofline floor per layer on {g['name']}: {g['tflops'][p['dtype']]} TFLOP/s, "
+        f"{g['hbm_tbps']} TB/s ({g['source']}).",
+        "",
+        "| layer | class | count | batch | GFLOP | MB | FLOP/B | floor us | bound |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in doc["layers"]:
-        lines.append(f"| {r['layer']} | {r['class']} | {r['count']} | {r['batch']} | "
-                     f"{r['flops'] / 1e9:.2f} | "
-                     f"{r['bytes'] / 1e6:.1f} | {r['ai']:.0f} | {r['floor_us']:.1f} | {r['bound']} |")
+        lines.append(
+            f"| {r['layer']} | {r['class']} | {r['count']} | {r['batch']} | "
+            f"{r['flops'] / 1e9:.2f} | "
+            f"{r['bytes'] / 1e6:.1f} | {r['ai']:.0f} | {r['floor_us']:.1f} | {r['bound']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -153,8 +210,12 @@ def main(argv=None) -> int:
     if args.hbm_tbps:
         gpu["hbm_tbps"] = args.hbm_tbps
         gpu["name"] += " (bandwidth overridden)"
-    doc = build(tuple(args.models.split(",")), batches=tuple(int(b) for b in args.batches.split(",")),
-                dtype=args.dtype, gpu=gpu)
+    doc = build(
+        tuple(args.models.split(",")),
+        batches=tuple(int(b) for b in args.batches.split(",")),
+        dtype=args.dtype,
+        gpu=gpu,
+    )
     path = write_run({"env": env_info(), "args": vars(args), **doc}, args.out, "roofline")
     print(to_markdown(doc))
     print(f"wrote {path}")

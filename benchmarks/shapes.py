@@ -47,8 +47,10 @@ class ConvShape:
     @property
     def name(self) -> str:
         tail = "+res" if self.has_residual else ("" if self.relu else " norelu")
-        return (f"{self.c}x{self.h}x{self.w}->{self.k} {self.r}x{self.s}/s{self.stride}"
-                f"{'/g' + str(self.groups) if self.groups != 1 else ''}{tail}")
+        return (
+            f"{self.c}x{self.h}x{self.w}->{self.k} {self.r}x{self.s}/s{self.stride}"
+            f"{'/g' + str(self.groups) if self.groups != 1 else ''}{tail}"
+        )
 
     def flops(self, n: int) -> int:
         """Multiply-adds × 2 of the conv (epilogue ignored)."""
@@ -58,11 +60,13 @@ class ConvShape:
         """Compulsory HBM traffic of one fused launch: each tensor read or written once."""
         e = BYTES[dtype]
         out = n * self.k * self.p * self.q * e
-        d = {"input": n * self.c * self.h * self.w * e,
-             "weight": self.k * (self.c // self.groups) * self.r * self.s * e,
-             "bias": self.k * 4,
-             "output": out,
-             "residual": out if self.has_residual else 0}
+        d = {
+            "input": n * self.c * self.h * self.w * e,
+            "weight": self.k * (self.c // self.groups) * self.r * self.s * e,
+            "bias": self.k * 4,
+            "output": out,
+            "residual": out if self.has_residual else 0,
+        }
         d["total"] = sum(d.values())
         return d
 
@@ -79,9 +83,16 @@ class LayerInfo:
     paths: dict = field(default_factory=dict)  # model -> first module path using it
 
     def to_json(self, batches=(32, 256), dtype: str = "fp16") -> dict:
-        d = {"name": self.shape.name, **asdict(self.shape), "p": self.shape.p, "q": self.shape.q,
-             "count": self.count, "per_model": self.per_model, "models": sorted(self.per_model),
-             "example_path": self.paths}
+        d = {
+            "name": self.shape.name,
+            **asdict(self.shape),
+            "p": self.shape.p,
+            "q": self.shape.q,
+            "count": self.count,
+            "per_model": self.per_model,
+            "models": sorted(self.per_model),
+            "example_path": self.paths,
+        }
         for n in batches:
             d[f"flops_b{n}"] = self.shape.flops(n)
             d[f"bytes_{dtype}_b{n}"] = self.shape.bytes(n, dtype)
@@ -122,10 +133,26 @@ def model_convs(arch: str, image: int = 224) -> list[tuple[str, ConvShape]]:
         def fn(mod, args, out):
             x = args[0]
             res, relu = flags.get(path, (False, True))
-            seen.append((path, ConvShape(
-                c=x.shape[1], h=x.shape[2], w=x.shape[3], k=mod.out_channels,
-                r=mod.kernel_size[0], s=mod.kernel_size[1], stride=mod.stride[0], padding=mod.padding[0],
-                dilation=mod.dilation[0], groups=mod.groups, has_residual=res, relu=relu)))
+            seen.append(
+                (
+                    path,
+                    ConvShape(
+                        c=x.shape[1],
+                        h=x.shape[2],
+                        w=x.shape[3],
+                        k=mod.out_channels,
+                        r=mod.kernel_size[0],
+                        s=mod.kernel_size[1],
+                        stride=mod.stride[0],
+                        padding=mod.padding[0],
+                        dilation=mod.dilation[0],
+                        groups=mod.groups,
+                        has_residual=res,
+                        relu=relu,
+                    ),
+                )
+            )
+
         return fn
 
     handles = [m.register_forward_hook(hook(p)) for p, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -161,14 +188,18 @@ def layer_class(shape: ConvShape) -> str:
 
 
 def format_table(layers: list[LayerInfo], batch: int = 32, dtype: str = "fp16") -> str:
-    rows = ["| layer | class | count | models | GFLOP | MB moved | FLOP/byte |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| layer | class | count | models | GFLOP | MB moved | FLOP/byte |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for li in layers:
         f = li.shape.flops(batch)
         b = li.shape.bytes(batch, dtype)["total"]
         users = ",".join(sorted(li.per_model))
-        rows.append(f"| {li.shape.name} | {layer_class(li.shape)} | {li.count} | {users} "
-                    f"| {f / 1e9:.2f} | {b / 1e6:.1f} | {f / b:.0f} |")
+        rows.append(
+            f"| {li.shape.name} | {layer_class(li.shape)} | {li.count} | {users} "
+            f"| {f / 1e9:.2f} | {b / 1e6:.1f} | {f / b:.0f} |"
+        )
     return "\n".join(rows)
 
 
@@ -182,8 +213,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     layers = unique_layers(tuple(args.models.split(",")), args.image)
     print(format_table(layers, args.batch, args.dtype))
-    print(f"\n{len(layers)} distinct conv layers, {sum(li.count for li in layers)} occurrences "
-          f"(batch {args.batch}, {args.dtype})")
+    print(
+        f"\n{len(layers)} distinct conv layers, {sum(li.count for li in layers)} occurrences "
+        f"(batch {args.batch}, {args.dtype})"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump([li.to_json((args.batch,), args.dtype) for li in layers], f, indent=1)

@@ -19,8 +19,14 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def smoke_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_smoke")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.smoke", "--out", str(out)], cwd=REPO,
-                          env=dict(os.environ), capture_output=True, text=True, timeout=150)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.smoke", "--out", str(out)],
+        cwd=REPO,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "bench-smoke OK" in proc.stdout
     return out
