@@ -124,6 +124,7 @@ class _Walker:
         self.filter_fn = filter_fn
         self.apply = apply
         self.report = Report()
+        self.excluded: set[str] = set()  # paths filter_fn excluded with their whole subtree
 
     def allowed(self, module: nn.Module, path: str) -> bool:
         return self.filter_fn is None or bool(self.filter_fn(module, path))
@@ -168,6 +169,7 @@ class _Walker:
         cls = FusedBottleneck if type(block) is Bottleneck else FusedBasicBlock
         reason = block_fuse_reason(block)
         if reason is None and not self.allowed(block, path):
+            self.excluded.add(path)
             self.report.add(path, block, "left", "excluded by filter_fn (with everything inside it)")
             return True
         if reason:
@@ -348,6 +350,8 @@ def _fx_pass(walker: _Walker, module: nn.Module, path: str, shared: set[int]) ->
         conv, bn = module.get_submodule(conv_path), module.get_submodule(bn_path)
         act = module.get_submodule(act_path) if act_path else None
         full = _join(path, conv_path)
+        if any(full.startswith(p + ".") for p in walker.excluded):
+            continue
         if any(id(m) in shared for m in (conv, bn, act) if m is not None):
             walker.report.add(full, conv, "left", "module is used at more than one place in the model")
             continue

@@ -100,19 +100,47 @@ def test_convert_verbose_prints_the_table(capsys):
     assert "convolutions fused: 12 / 12" in out  # stem, 4 blocks × 2, 3 downsample convs
 
 
-def test_unknown_modules_are_left_untouched():
+def test_conv_bn_found_by_data_flow_in_unknown_modules():
     class Custom(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
             self.bn = nn.BatchNorm2d(4)
+            self.proj = nn.Conv2d(4, 4, 1)  # its output goes to an add, not a BN: left
+            self.bn2 = nn.BatchNorm2d(4)
 
         def forward(self, x):
-            return torch.tanh(self.bn(self.conv(x)))
+            y = torch.tanh(self.bn(self.conv(x)))
+            return self.bn2(y) + self.proj(y)
 
-    model = nn.Sequential(Custom(), nn.Flatten()).eval()
+    model = randomize_bn(nn.Sequential(Custom(), nn.Flatten())).eval()
     fast = fastres.convert(model)
-    assert type(fast[0]) is Custom and type(fast[0].conv) is nn.Conv2d and type(fast[0].bn) is nn.BatchNorm2d
+    assert type(fast[0]) is Custom, "the unknown module itself stays"
+    assert isinstance(fast[0].conv, fastres.FusedConvBNAct2d) and fast[0].conv.folded_act is None
+    assert type(fast[0].proj) is nn.Conv2d and type(fast[0].bn2) is nn.BatchNorm2d
+    x = torch.randn(2, 3, 7, 7)
+    assert_close(run(fast, x), eager64(model, x), **FP32, what="fx-found conv+bn")
+    assert list(fast.state_dict()) == list(model.state_dict())
+    untouched = fastres.convert(model, use_fx=False)
+    assert type(untouched[0].conv) is nn.Conv2d
+
+
+def test_modules_used_twice_are_not_fused():
+    conv, bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = conv, bn
+
+        def forward(self, x):
+            return self.bn(self.conv(self.bn(self.conv(x))))
+
+    model = randomize_bn(Twice()).eval()
+    fast = fastres.convert(model)
+    assert type(fast.conv) is nn.Conv2d
+    x = torch.randn(1, 4, 6, 6)
+    assert_close(run(fast, x), eager64(model, x), **FP32, what="shared modules")
 
 
 # ----------------------------------------------------------------------------------- state and fold
