@@ -73,3 +73,58 @@ def test_batchnorm_without_running_stats_is_left():
     seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU()).eval()
     rep = check(seq, torch.randn(2, 3, 9, 9))
     assert rep.convs_fused == 0 and "running statistics" in rep.left[0].detail
+
+
+class SEBlock(nn.Module):
+    """A ResNet-D style block from another library: average-pool shortcut, squeeze-excitation."""
+
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.se_reduce = nn.Conv2d(c_out, c_out // 4, 1)
+        self.se_expand = nn.Conv2d(c_out // 4, c_out, 1)
+        self.down = nn.Sequential(
+            nn.AvgPool2d(stride), nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out)
+        )
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        s = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(y.mean((2, 3), keepdim=True)))))
+        return self.act2(y * s + self.down(x))
+
+
+class OtherResNet(nn.Module):
+    """Deep stem (three conv-bn-relu as attributes), SE blocks, a head with dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem_conv1, self.stem_bn1 = nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16)
+        self.stem_conv2, self.stem_bn2 = nn.Conv2d(16, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        self.stem_conv3, self.stem_bn3 = nn.Conv2d(16, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32)
+        self.relu = nn.ReLU()
+        self.blocks = nn.Sequential(SEBlock(32, 32, 1), SEBlock(32, 64, 2))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, 10))
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn1(self.stem_conv1(x)))
+        x = self.relu(self.stem_bn2(self.stem_conv2(x)))
+        x = self.relu(self.stem_bn3(self.stem_conv3(x)))
+        return self.head(self.blocks(x))
+
+
+def test_resnet_shaped_model_from_another_library():
+    torch.manual_seed(0)
+    model = randomize_bn(OtherResNet()).eval()
+    rep = check(model, torch.randn(2, 3, 24, 20))
+    fused = {e.path for e in rep.fused}
+    # The stem's three conv+bn, each block's two conv+bn and its shortcut conv+bn are fused.
+    assert {"stem_conv1", "stem_conv2", "stem_conv3", "blocks.0.conv1", "blocks.1.down.1"} <= fused
+    assert rep.convs_fused == 3 + 2 * 3 and rep.convs_total == rep.convs_fused + 4  # SE convs left
+    fast = fastres.convert(model)
+    # relu as a module after a BN is folded; the shared self.relu (used twice) is not.
+    assert isinstance(fast.blocks[0].act1, fastres.FoldedReLU) and type(fast.relu) is nn.ReLU
