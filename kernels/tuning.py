@@ -87,13 +87,17 @@ def shape_key(
     groups: int,
     m: int,
     dtype: torch.dtype,
+    shortcut_c_in: int | None = None,
 ) -> str:
-    """The table key of one conv launch, e.g. ``"cin64-cout64-k3x3-s1x1-p1x1-d1x1-g1-m131072-fp16"``."""
+    """The table key of one conv launch, e.g. ``"cin64-cout64-k3x3-s1x1-p1x1-d1x1-g1-m131072-fp16"``;
+    a launch that also accumulates a projection shortcut over ``shortcut_c_in`` channels (the dual
+    GEMM: a second K range) ends in ``-sc<shortcut_c_in>``."""
     if dtype not in _DTYPE_NAMES:
         raise TypeError(f"shape_key: dtype {dtype} has no table entries")
+    sc = "" if shortcut_c_in is None else f"-sc{shortcut_c_in}"
     return (
         f"cin{c_in}-cout{c_out}-k{r}x{s}-s{stride[0]}x{stride[1]}-p{padding[0]}x{padding[1]}"
-        f"-d{dilation[0]}x{dilation[1]}-g{groups}-m{m_bucket(m)}-{_DTYPE_NAMES[dtype]}"
+        f"-d{dilation[0]}x{dilation[1]}-g{groups}-m{m_bucket(m)}-{_DTYPE_NAMES[dtype]}{sc}"
     )
 
 
@@ -333,10 +337,12 @@ def select_config(
     dilation: tuple[int, int],
     groups: int,
     m: int,
+    shortcut_c_in: int | None = None,
     launch=None,
 ) -> _conv.ConvConfig:
     """The config for one conv launch (the order is in this module's docstring).
 
+    ``shortcut_c_in``: input channels of a projection shortcut fused into the launch, if any.
     ``launch(config)`` runs the kernel with that config; the autotuner times it. Without it (or on
     fake tensors, during CUDA-graph capture) nothing is timed.
     """
@@ -344,7 +350,7 @@ def select_config(
         c_out, c_in_g, r, s = weight.shape
         return _conv.pick_config(m, c_out // groups, c_in_g, r, s, x.dtype, interpret=True)
     # Fast path, every launch: a shape already resolved in this process (~2 us here, measured).
-    memo = (x.device, x.dtype, x.shape[1], weight.shape, stride, padding, dilation, groups, m)
+    memo = (x.device, x.dtype, x.shape[1], weight.shape, stride, padding, dilation, groups, m, shortcut_c_in)
     try:
         cfg = _resolved.get(memo) if _session is None else None
     except TypeError:  # symbolic sizes (SymInt) while tracing are unhashable: no table key either
@@ -355,7 +361,7 @@ def select_config(
     c_out, c_in_g, r, s = weight.shape
     c_out_g = c_out // groups
     arch = device_arch(x.device)
-    key = shape_key(x.shape[1], c_out, r, s, stride, padding, dilation, groups, m, x.dtype)
+    key = shape_key(x.shape[1], c_out, r, s, stride, padding, dilation, groups, m, x.dtype, shortcut_c_in)
     if _session is not None:
         if key in _session:
             return _session[key][0]

@@ -37,9 +37,19 @@ def as_gpu(monkeypatch):
 
 
 def key(
-    c_in=64, c_out=64, r=3, s=3, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, m=0, dtype=FP16
+    c_in=64,
+    c_out=64,
+    r=3,
+    s=3,
+    stride=(1, 1),
+    padding=(1, 1),
+    dilation=(1, 1),
+    groups=1,
+    m=0,
+    dtype=FP16,
+    sc=None,
 ):
-    return tuning.shape_key(c_in, c_out, r, s, stride, padding, dilation, groups, m, dtype)
+    return tuning.shape_key(c_in, c_out, r, s, stride, padding, dilation, groups, m, dtype, sc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -53,6 +63,7 @@ def test_shape_key_is_batch_independent_within_an_m_bucket():
     assert key(m=32 * 56 * 56).endswith("-m131072-fp16")
     assert key(m=1) == key(m=16) and key(m=1).endswith("-m16-fp16")
     assert key(m=17) != key(m=16)
+    assert key(m=16, sc=256).endswith("-m16-fp16-sc256")
 
 
 def test_shape_key_separates_everything_the_config_depends_on():
@@ -68,6 +79,7 @@ def test_shape_key_separates_everything_the_config_depends_on():
         dict(dtype=torch.float32),
         dict(dtype=torch.bfloat16),
         dict(m=8192),
+        dict(sc=64),  # the same conv with a projection shortcut fused in (dual GEMM: a second K range)
     ]
     keys = {key(**base)} | {key(**{**base, **v}) for v in variants}
     assert len(keys) == len(variants) + 1
