@@ -99,10 +99,16 @@ def launch_args(shape, batch: int, dtype):
         Q=q,
         C_IN_G=c_in_g,
         C_OUT_G=c_out_g,
+        # No projection shortcut in the report's layers: x2/w2 alias x/w as in the launcher.
+        x2_ptr=t,
+        w2_ptr=t,
+        C_IN2=c,
     )
     for prefix, strides in (("x", x_strides), ("w", w_strides), ("r", o_strides), ("o", o_strides)):
         dims = "ocrs" if prefix == "w" else "nchw"
         values.update({f"stride_{prefix}{d}": v for d, v in zip(dims, strides, strict=True)})
+    values.update({f"stride_x2{d}": v for d, v in zip("nchw", x_strides, strict=True)})
+    values.update(stride_w2o=w_strides[0], stride_w2c=w_strides[1])
     consts = dict(
         R=r,
         S=s,
@@ -113,6 +119,9 @@ def launch_args(shape, batch: int, dtype):
         DIL_H=shape.dilation,
         DIL_W=shape.dilation,
         HAS_RESIDUAL=shape.has_residual,
+        HAS_SHORTCUT=False,
+        SC_STRIDE_H=1,
+        SC_STRIDE_W=1,
         RELU=shape.relu,
         FLAT_K=c_in_g < conv.FLAT_K_MAX_CIN,
         DOT_PRECISION="tf32",

@@ -391,12 +391,15 @@ def convert(
     filter_fn: FilterFn | None = None,
     verbose: bool = False,
     use_fx: bool = True,
+    example_input: torch.Tensor | None = None,
 ) -> nn.Module:
     """Return ``model`` with its ResNet parts swapped for fused modules (a copy unless ``inplace``).
 
     ``filter_fn(module, fqn) -> bool`` chooses which candidates to swap. The original model is
     untouched unless ``inplace=True``. ``verbose=True`` prints the report table. ``use_fx``: also
     find conv → BN (→ ReLU) runs by data flow with torch.fx, in any module it can trace.
+    ``example_input``: run ``fastres.warmup`` with it, so every kernel is compiled and every fold
+    made before the first real forward.
 
     >>> fast = fastres.convert(torchvision.models.resnet50().eval())     # doctest: +SKIP
     >>> print(fastres.report(fast))                                      # doctest: +SKIP
@@ -418,6 +421,10 @@ def convert(
     walker.report.convs_total = _count_convs(model)
     if verbose:
         print(walker.report)
+    if example_input is not None:
+        from fastres.warm import warmup
+
+        warmup(model, example_input, verbose=verbose)
     return model
 
 

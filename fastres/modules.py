@@ -290,7 +290,9 @@ class FusedHead(nn.AdaptiveAvgPool2d):
 
     @classmethod
     def from_module(cls, pool: nn.AdaptiveAvgPool2d) -> FusedHead:
-        return cls(pool.output_size)
+        new = cls(pool.output_size)
+        new.train(pool.training)
+        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -338,9 +340,9 @@ class _FusedBlock(_FoldedMixin, nn.Module):
             cache = self._folds[key] = FoldCache()
         return cache
 
-    def _cba(self, x, conv_name: str, bn_name: str, *, residual=None, relu: bool = True, fold_key=None):
+    def _cba(self, x, conv_name: str, bn_name: str, *, residual=None, relu: bool = True):
         conv, bn = getattr(self, conv_name), getattr(self, bn_name)
-        folded = self._fold_for(self._cache(fold_key or conv_name), conv, bn, x.dtype)
+        folded = self._fold_for(self._cache(conv_name), conv, bn, x.dtype)
         return ops.conv_bias_act(x, folded.weight, folded.bias, residual, *_conv_args(conv), relu)
 
     def _downsample_fusable(self) -> bool:
@@ -351,6 +353,32 @@ class _FusedBlock(_FoldedMixin, nn.Module):
             and conv_fold_reason(ds[0]) is None
             and bn_fold_reason(ds[1]) is None
         )
+
+    def _dual_shortcut(self) -> bool:
+        """The projection shortcut can be accumulated into the last conv's output tile (one kernel)."""
+        if not self._downsample_fusable():
+            return False
+        ds_conv, last = self.downsample[0], getattr(self, self._convs[-1][0])
+        return (
+            tuple(ds_conv.kernel_size) == (1, 1)
+            and tuple(ds_conv.padding) == (0, 0)
+            and tuple(ds_conv.dilation) == (1, 1)
+            and ds_conv.groups == 1
+            and last.groups == 1
+        )
+
+    def _tail_fold(self, dtype: torch.dtype):
+        """(last conv's folded weight, shortcut's folded weight, the sum of both folded biases)."""
+        conv_name, bn_name = self._convs[-1]
+        conv, bn = getattr(self, conv_name), getattr(self, bn_name)
+        ds_conv, ds_bn = self.downsample
+
+        def make():
+            main, short = fold_conv_bn(conv, bn, dtype), fold_conv_bn(ds_conv, ds_bn, dtype)
+            return main.weight, short.weight, main.bias + short.bias
+
+        tensors = conv_bn_tensors(conv, bn) + conv_bn_tensors(ds_conv, ds_bn)
+        return self._cache("tail").get(tensors, (dtype, float(bn.eps), float(ds_bn.eps)), make)
 
     def _shortcut(self, x):
         if self.downsample is None:
@@ -370,6 +398,22 @@ class _FusedBlock(_FoldedMixin, nn.Module):
         check_input(self, x, conv1.in_channels, conv1.weight.dtype, conv1.weight.device)
         if not self.fuses(x):
             return self._source_cls.forward(self, x)
+        if self._dual_shortcut():
+            out = x
+            for conv_name, bn_name in self._convs[:-1]:
+                out = self._cba(out, conv_name, bn_name, relu=True)
+            weight, shortcut_weight, bias = self._tail_fold(x.dtype)
+            conv = getattr(self, self._convs[-1][0])
+            return ops.conv_shortcut_bias_act(
+                out,
+                weight,
+                bias,
+                x,
+                shortcut_weight,
+                *_conv_args(conv),
+                list(self.downsample[0].stride),
+                True,
+            )
         identity = self._shortcut(x)
         out = x
         last = len(self._convs) - 1
@@ -383,7 +427,11 @@ class _FusedBlock(_FoldedMixin, nn.Module):
     def extra_repr(self) -> str:
         shortcut = ""
         if self.downsample is not None:
-            shortcut = ", shortcut=conv+bn fused" if self._downsample_fusable() else ", shortcut=eager module"
+            shortcut = ", shortcut=eager module"
+            if self._dual_shortcut():
+                shortcut = ", shortcut conv+bn accumulated into the last kernel"
+            elif self._downsample_fusable():
+                shortcut = ", shortcut=conv+bn kernel"
         n = len(self._convs)
         return f"fused={n} conv+bn+relu kernels, last with residual add{shortcut}"
 

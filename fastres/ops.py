@@ -88,6 +88,49 @@ def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
     )
 
 
+@_define("fastres::conv_shortcut_bias_act", mutates_args=())
+def conv_shortcut_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    shortcut_x: torch.Tensor,
+    shortcut_weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    shortcut_stride: list[int],
+    relu: bool,
+) -> torch.Tensor:
+    """relu?(conv2d(x, weight, ...) + conv2d(shortcut_x, shortcut_weight (1×1), shortcut_stride) + bias).
+
+    A bottleneck's tail with its projection shortcut in one kernel (``bias`` holds both folded biases).
+    """
+    if _torch_path(x):
+        y = F.conv2d(shortcut_x.contiguous(memory_format=_CL), shortcut_weight, None, shortcut_stride)
+        return _conv_torch(x, weight, bias, y, stride, padding, dilation, groups, relu)
+    return _conv.conv_bias_act(
+        x,
+        weight,
+        bias,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        relu=relu,
+        shortcut_x=shortcut_x,
+        shortcut_weight=shortcut_weight,
+        shortcut_stride=shortcut_stride,
+    )
+
+
+@conv_shortcut_bias_act.register_fake
+def _(x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups, shortcut_stride, relu):
+    return x.new_empty(_conv_out_shape(x, weight, stride, padding, dilation)).to(
+        memory_format=torch.channels_last
+    )
+
+
 @_define("fastres::max_pool2d", mutates_args=())
 def max_pool2d(
     x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int]

@@ -81,6 +81,16 @@ def _conv_bias_act_fwd_kernel(
     stride_oc,
     stride_oh,
     stride_ow,
+    # projection shortcut ("dual GEMM"): a 1×1 conv of x2 accumulated into the same tile
+    x2_ptr,
+    w2_ptr,
+    C_IN2,
+    stride_x2n,
+    stride_x2c,
+    stride_x2h,
+    stride_x2w,
+    stride_w2o,
+    stride_w2c,
     R: tl.constexpr,
     S: tl.constexpr,
     STRIDE_H: tl.constexpr,
@@ -90,6 +100,9 @@ def _conv_bias_act_fwd_kernel(
     DIL_H: tl.constexpr,
     DIL_W: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    HAS_SHORTCUT: tl.constexpr,
+    SC_STRIDE_H: tl.constexpr,
+    SC_STRIDE_W: tl.constexpr,
     RELU: tl.constexpr,
     FLAT_K: tl.constexpr,  # iterate the flattened (r, s, c) K range (small C_in)
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; used by fp32 dots only
@@ -173,6 +186,31 @@ def _conv_bias_act_fwd_kernel(
                     )
                     acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
+    if HAS_SHORTCUT:
+        # Second K range: the shortcut's 1×1 strided conv over the block input, same output tile,
+        # so the shortcut tensor never reaches memory. Groups are 1 here (the launcher checks).
+        a2_row = (
+            x2_ptr
+            + n * stride_x2n
+            + (p * SC_STRIDE_H).to(tl.int64) * stride_x2h
+            + (q * SC_STRIDE_W).to(tl.int64) * stride_x2w
+        )
+        b2_col = w2_ptr + co * stride_w2o
+        for c0 in range(0, C_IN2, BLOCK_K):
+            offs_c = c0 + tl.arange(0, BLOCK_K)
+            c_mask = offs_c < C_IN2
+            a = tl.load(
+                a2_row[:, None] + offs_c[None, :].to(tl.int64) * stride_x2c,
+                mask=m_mask[:, None] & c_mask[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                b2_col[None, :] + offs_c[:, None] * stride_w2c,
+                mask=c_mask[:, None] & n_mask[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
     # Epilogue in fp32: + bias, + residual, ReLU, one store.
     bias = tl.load(bias_ptr + co, mask=n_mask, other=0.0)
     acc += bias[None, :]
@@ -247,15 +285,20 @@ def conv_bias_act(
     dilation=1,
     groups: int = 1,
     relu: bool = True,
+    shortcut_x: torch.Tensor | None = None,
+    shortcut_weight: torch.Tensor | None = None,
+    shortcut_stride=1,
     precision: str | None = None,
     out: torch.Tensor | None = None,
     config: ConvConfig | None = None,
 ) -> torch.Tensor:
-    """relu(conv2d(x, weight) + bias (+ residual)) in one kernel.
+    """relu(conv2d(x, weight) + bias (+ residual) (+ conv2d(shortcut_x, shortcut_weight))) in one kernel.
 
     x: (N, C_in, H, W) fp32/fp16/bf16, any strides (channels_last coalesces).
     weight: (C_out, C_in/groups, R, S), same dtype as x (prepacked by ``fastres.fold``).
     bias: (C_out,) fp32. residual: (N, C_out, P, Q), any strides and floating dtype.
+    shortcut_x, shortcut_weight (C_out, C_in2, 1, 1), shortcut_stride: a projection shortcut, a 1×1
+    strided conv accumulated into the same output tile (its folded bias belongs in ``bias``).
     precision: fp32 dot mode, "tf32" (default, or $FASTRES_FP32_PRECISION) or "ieee".
 
     >>> y = conv_bias_act(x, w, b, stride=2, padding=1)      # doctest: +SKIP
@@ -293,6 +336,28 @@ def conv_bias_act(
                 f"conv_bias_act: residual shape {tuple(residual.shape)} != output shape "
                 f"{(batch, c_out, p, q)}"
             )
+    sc_stride = _pair(shortcut_stride, "shortcut_stride")
+    if (shortcut_x is None) != (shortcut_weight is None):
+        raise ValueError("conv_bias_act: shortcut_x and shortcut_weight go together")
+    if shortcut_x is not None:
+        check_tensor("conv_bias_act", "shortcut_x", shortcut_x, ndim=4, dtype=x.dtype, device=x.device)
+        check_tensor(
+            "conv_bias_act", "shortcut_weight", shortcut_weight, ndim=4, dtype=x.dtype, device=x.device
+        )
+        c_in2 = shortcut_x.shape[1]
+        if groups != 1 or tuple(shortcut_weight.shape) != (c_out, c_in2, 1, 1):
+            raise ValueError(
+                f"conv_bias_act: the shortcut must be a 1x1 conv {(c_out, c_in2, 1, 1)} with groups=1, "
+                f"got weight {tuple(shortcut_weight.shape)}, groups={groups}"
+            )
+        sc_hw = tuple(
+            conv_output_size(d, 1, st, 0, 1) for d, st in zip(shortcut_x.shape[2:], sc_stride, strict=True)
+        )
+        if shortcut_x.shape[0] != batch or sc_hw != (p, q):
+            raise ValueError(
+                f"conv_bias_act: shortcut_x {tuple(shortcut_x.shape)} with stride {sc_stride} gives "
+                f"{sc_hw}, not the output's {(p, q)}"
+            )
     if out is None:
         out = torch.empty(
             (batch, c_out, p, q), device=x.device, dtype=x.dtype, memory_format=torch.channels_last
@@ -318,6 +383,7 @@ def conv_bias_act(
             dilation=dilation,
             groups=groups,
             m=m,
+            shortcut_c_in=None if shortcut_x is None else shortcut_x.shape[1],
             launch=lambda c: conv_bias_act(
                 x,
                 weight,
@@ -328,6 +394,9 @@ def conv_bias_act(
                 dilation=dilation,
                 groups=groups,
                 relu=relu,
+                shortcut_x=shortcut_x,
+                shortcut_weight=shortcut_weight,
+                shortcut_stride=sc_stride,
                 precision=precision,
                 out=out,
                 config=c,
@@ -335,6 +404,8 @@ def conv_bias_act(
         )
     cfg = config
     res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
+    x2 = shortcut_x if shortcut_x is not None else x  # never read when HAS_SHORTCUT is False
+    w2 = shortcut_weight if shortcut_weight is not None else weight
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out_g, cfg.block_n), groups)
     launchable(_conv_bias_act_fwd_kernel)[grid](
         x,
@@ -353,6 +424,12 @@ def conv_bias_act(
         *weight.stride(),
         *res.stride(),
         *out.stride(),
+        x2,
+        w2,
+        x2.shape[1],
+        *x2.stride(),
+        w2.stride(0),
+        w2.stride(1),
         R=r,
         S=s,
         STRIDE_H=stride[0],
@@ -362,6 +439,9 @@ def conv_bias_act(
         DIL_H=dilation[0],
         DIL_W=dilation[1],
         HAS_RESIDUAL=residual is not None,
+        HAS_SHORTCUT=shortcut_x is not None,
+        SC_STRIDE_H=sc_stride[0],
+        SC_STRIDE_W=sc_stride[1],
         RELU=relu,
         FLAT_K=c_in_g < FLAT_K_MAX_CIN,
         DOT_PRECISION=precision,

@@ -92,6 +92,57 @@ def test_conv_bias_act_matches_unfolded_reference(shape, residual, relu, dtype, 
     assert_close(y, ref, rel=rel, atol=atol, rtol=rtol, what=f"{shape[0]} {dtype}")
 
 
+@pytest.mark.parametrize("dtype, rel, atol, rtol", DTYPES)
+@pytest.mark.parametrize(
+    "n, c_in, c_mid, c_out, h, w, stride",
+    [(2, 16, 8, 32, 6, 6, 1), (1, 24, 16, 48, 9, 7, 2), (3, 17, 16, 19, 5, 5, 2)],
+)
+def test_tail_with_projection_shortcut_in_one_kernel(
+    n, c_in, c_mid, c_out, h, w, stride, dtype, rel, atol, rtol, device
+):
+    """relu(bn3(conv3(y)) + bn_ds(conv_ds(x))): the bottleneck tail and its shortcut, one kernel."""
+    conv3, bn3 = make_conv_bn(c_mid, c_out, 1, 1, 0, 1, 1)
+    conv_ds, bn_ds = make_conv_bn(c_in, c_out, 1, stride, 0, 1, 1)
+    x = torch.randn(n, c_in, h, w).to(dtype).to(memory_format=torch.channels_last)
+    p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
+    y = torch.randn(n, c_mid, p, q).to(dtype).to(memory_format=torch.channels_last)
+    ref = reference(
+        y, conv3.to(dtype), bn3.to(dtype), reference(x, conv_ds.to(dtype), bn_ds.to(dtype), None, False), True
+    )
+    main = fold_conv_bn(conv3.float().to(device), bn3.float().to(device), dtype)
+    short = fold_conv_bn(conv_ds.float().to(device), bn_ds.float().to(device), dtype)
+    out = torch.full((n, c_out, p, q), float("nan"), dtype=dtype, device=device)
+    got = conv_bias_act(
+        y.to(device),
+        main.weight,
+        main.bias + short.bias,
+        shortcut_x=x.to(device),
+        shortcut_weight=short.weight,
+        shortcut_stride=stride,
+        precision="ieee",
+        out=out,
+    )
+    assert not got.isnan().any()
+    assert_close(got, ref, rel=rel, atol=atol, rtol=rtol, what=f"tail+shortcut {dtype}")
+
+
+def test_shortcut_shape_errors(device):
+    w = torch.randn(8, 4, 1, 1, device=device)
+    b = torch.randn(8, device=device)
+    x = torch.randn(1, 4, 6, 6, device=device)
+    with pytest.raises(ValueError, match="shortcut_x .* gives"):
+        conv_bias_act(
+            x,
+            w,
+            b,
+            shortcut_x=torch.randn(1, 3, 5, 5, device=device),
+            shortcut_weight=torch.randn(8, 3, 1, 1, device=device),
+            shortcut_stride=1,
+        )
+    with pytest.raises(ValueError, match="go together"):
+        conv_bias_act(x, w, b, shortcut_x=x)
+
+
 def test_conv_accepts_any_input_layout(device):
     conv, bn = make_conv_bn(16, 24, 3, 1, 1, 1, 1)
     base = torch.randn(4, 16, 10, 12)

@@ -346,3 +346,9 @@ def test_block_names_itself_in_errors():
     fast = fastres.convert(tiny_resnet())
     with pytest.raises(ValueError, match="layer2.0.*expected 64 input channels"), torch.inference_mode():
         fast.layer2[0](torch.randn(1, 65, 8, 8))
+
+
+def test_convert_with_example_input_warms_up(capsys):
+    fast = fastres.convert(tiny_resnet(), example_input=torch.randn(1, 3, 32, 32))
+    assert fast.conv1._fold.folds == 1 and fast.layer4[0]._folds["tail"].folds == 1
+    assert isinstance(fast.avgpool, fastres.FusedHead) and not fast.avgpool.training

@@ -59,6 +59,23 @@ def test_opcheck_conv_bias_act(case):
     torch.library.opcheck(torch.ops.fastres.conv_bias_act.default, CONV_CASES[case]())
 
 
+def test_opcheck_conv_shortcut_bias_act():
+    args = (
+        torch.randn(1, 6, 4, 4),
+        torch.randn(8, 6, 3, 3),
+        torch.randn(8),
+        torch.randn(1, 5, 7, 7),
+        torch.randn(8, 5, 1, 1),
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        1,
+        [2, 2],
+        True,
+    )
+    torch.library.opcheck(torch.ops.fastres.conv_shortcut_bias_act.default, args)
+
+
 def test_opcheck_pools():
     torch.library.opcheck(
         torch.ops.fastres.max_pool2d.default, (torch.randn(2, 4, 7, 7), [3, 3], [2, 2], [1, 1])
@@ -82,7 +99,8 @@ def test_export_holds_fastres_ops_and_no_eager_conv_or_bn():
     x = torch.randn(2, 3, 32, 32)
     ep = torch.export.export(fast, (x,))
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
-    assert targets.count("fastres.conv_bias_act.default") == 12
+    assert targets.count("fastres.conv_bias_act.default") == 6  # stem, layer1's two, three block heads
+    assert targets.count("fastres.conv_shortcut_bias_act.default") == 3  # tails with projections
     assert "fastres.max_pool2d.default" in targets and "fastres.global_avg_pool.default" in targets
     eager = [t for t in targets if "conv" in t and "fastres" not in t or "batch_norm" in t]
     assert not eager, f"eager ops in the exported graph: {eager}"
