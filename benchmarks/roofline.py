@@ -4,8 +4,9 @@ the per-layer roofline floor on a reference GPU. Pure arithmetic on shapes; no G
 Eager: a meta-device forward of the torchvision model under a dispatch mode; every non-view aten op
 counts as one launch that reads each input tensor and writes each output once (cuDNN may launch more
 than one kernel per conv, so eager launches are a lower bound). fastres: one launch per conv
-(conv + BN + ReLU + residual add in the epilogue), the pools and the classifier as in eager; each conv
-reads its input, weight, bias (and residual) once and writes its output once.
+(conv + BN + ReLU + residual add in the epilogue) except projection shortcuts, which run inside their
+block's last kernel; the pools and the classifier as in eager; each conv reads its input, weight,
+bias (and residual) once and writes its output once (a fused shortcut's output never reaches memory).
 
 Roofline floor of a layer = max(FLOPs / peak, bytes / bandwidth). Reference defaults (parameters):
 H100 SXM5, dense tensor-core fp16/bf16 989.4 TFLOP/s, tf32 494.7 TFLOP/s, HBM3 3.35 TB/s, from the
@@ -88,7 +89,10 @@ def model_traffic(arch: str, batch: int, dtype: str = "fp16", image: int = 224) 
     by_op: dict[str, int] = {}
     for o in ops:
         by_op[o["op"]] = by_op.get(o["op"], 0) + 1
-    fast_bytes = conv_bytes + rest_bytes
+    # Dual GEMM: a 1x1 projection shortcut runs inside its block's last kernel
+    # (fastres.modules._FusedBlock._dual_shortcut), so its output is never written nor read back.
+    dual = [s for path, s in convs if path.endswith("downsample.0") and s.r == s.s == 1 and s.groups == 1]
+    fast_bytes = conv_bytes - sum(2 * s.bytes(batch, dtype)["output"] for s in dual) + rest_bytes
     return {
         "arch": arch,
         "batch": batch,
@@ -101,7 +105,8 @@ def model_traffic(arch: str, batch: int, dtype: str = "fp16", image: int = 224) 
             "ops": by_op,
         },
         "fastres": {
-            "launches": len(convs) + len(rest),
+            "launches": len(convs) - len(dual) + len(rest),
+            "shortcuts_in_tail": len(dual),
             "bytes": fast_bytes,
             "bytes_per_image": fast_bytes / batch,
             "convs": len(convs),
