@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
@@ -67,7 +68,36 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def launch_args(shape, batch: int, dtype):
+@dataclass
+class ShortcutVariant:
+    """A block tail that also runs its projection shortcut (dual GEMM: ``HAS_SHORTCUT``)."""
+
+    shape: object  # the tail conv's ConvShape
+    shortcut: object  # the downsample conv's ConvShape
+    count: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.shape.name} +shortcut {self.shortcut.c}/s{self.shortcut.stride}"
+
+
+def shortcut_variants(model: str = "resnet50", image: int = 224) -> list[ShortcutVariant]:
+    """Every distinct (tail, projection) pair of a torchvision ResNet, derived from its modules."""
+    from benchmarks.shapes import model_convs
+
+    convs = dict(model_convs(model, image))
+    found: dict[tuple, ShortcutVariant] = {}
+    for path, ds in convs.items():
+        if not path.endswith(".downsample.0"):
+            continue
+        block = path[: -len(".downsample.0")]
+        tail = convs.get(f"{block}.conv3") or convs[f"{block}.conv2"]
+        v = found.setdefault((tail, ds), ShortcutVariant(tail, ds))
+        v.count += 1
+    return list(found.values())
+
+
+def launch_args(shape, batch: int, dtype, shortcut=None):
     """Positional args, constexpr kwargs and config, as ``conv_bias_act`` would pass them for ``shape``
     with channels_last activations and a prepacked weight (C_out stride 1)."""
     import torch
@@ -99,16 +129,21 @@ def launch_args(shape, batch: int, dtype):
         Q=q,
         C_IN_G=c_in_g,
         C_OUT_G=c_out_g,
-        # No projection shortcut in the report's layers: x2/w2 alias x/w as in the launcher.
+        # Without a projection shortcut x2/w2 alias x/w, as in the launcher.
         x2_ptr=t,
         w2_ptr=t,
-        C_IN2=c,
+        C_IN2=shortcut.c if shortcut is not None else c,
     )
     for prefix, strides in (("x", x_strides), ("w", w_strides), ("r", o_strides), ("o", o_strides)):
         dims = "ocrs" if prefix == "w" else "nchw"
         values.update({f"stride_{prefix}{d}": v for d, v in zip(dims, strides, strict=True)})
-    values.update({f"stride_x2{d}": v for d, v in zip("nchw", x_strides, strict=True)})
-    values.update(stride_w2o=w_strides[0], stride_w2c=w_strides[1])
+    if shortcut is None:
+        x2_strides, w2_strides = x_strides, w_strides[:2]
+    else:
+        sc = shortcut
+        x2_strides, w2_strides = (sc.h * sc.w * sc.c, 1, sc.w * sc.c, sc.c), (1, sc.k)
+    values.update({f"stride_x2{d}": v for d, v in zip("nchw", x2_strides, strict=True)})
+    values.update(stride_w2o=w2_strides[0], stride_w2c=w2_strides[1])
     consts = dict(
         R=r,
         S=s,
@@ -118,10 +153,10 @@ def launch_args(shape, batch: int, dtype):
         PAD_W=shape.padding,
         DIL_H=shape.dilation,
         DIL_W=shape.dilation,
-        HAS_RESIDUAL=shape.has_residual,
-        HAS_SHORTCUT=False,
-        SC_STRIDE_H=1,
-        SC_STRIDE_W=1,
+        HAS_RESIDUAL=shape.has_residual and shortcut is None,  # the shortcut replaces the residual
+        HAS_SHORTCUT=shortcut is not None,
+        SC_STRIDE_H=shortcut.stride if shortcut is not None else 1,
+        SC_STRIDE_W=shortcut.stride if shortcut is not None else 1,
         RELU=shape.relu,
         FLAT_K=c_in_g < conv.FLAT_K_MAX_CIN,
         DOT_PRECISION="tf32",
@@ -277,14 +312,15 @@ def build_report(
     if not hasattr(kernel, "params"):
         raise RuntimeError("the conv kernel is an interpreter object: run with TRITON_INTERPRET unset")
     dtype = torch_dtype(dtype_name)
-    infos = layers if layers is not None else unique_layers((model,), image)
+    infos = layers if layers is not None else unique_layers((model,), image) + shortcut_variants(model, image)
     cache: dict = {}
     records = []
     t_all = time.monotonic()
     for arch in archs:
         for li in infos:
             shape = li.shape
-            args, consts, cfg, grid = launch_args(shape, batch, dtype)
+            shortcut = getattr(li, "shortcut", None)
+            args, consts, cfg, grid = launch_args(shape, batch, dtype, shortcut=shortcut)
             src, options, target, key = specialise(kernel, arch, args, consts, cfg)
             t0 = time.monotonic()
             hit = key in cache
@@ -295,8 +331,8 @@ def build_report(
             lim = ARCH_LIMITS[arch]
             waves = grid / max(1, info["blocks_per_sm"] * lim["sms"])
             rec = {
-                "layer": shape.name,
-                "class": layer_class(shape),
+                "layer": li.name if shortcut is not None else shape.name,
+                "class": layer_class(shape) + (" +shortcut" if shortcut is not None else ""),
                 "count": li.count,
                 "arch": arch,
                 "batch": batch,

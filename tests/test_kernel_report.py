@@ -69,3 +69,28 @@ def test_occupancy_estimate():
     assert occ["blocks_per_sm"] == 2 and occ["limited_by"] == "registers" and occ["occupancy"] == 0.25
     # 150 KiB of shared memory: one block per SM on sm_90, and the limiter is named.
     assert occupancy(90, regs=64, smem=150 * 1024, num_warps=4)["limited_by"] == "shared memory"
+
+
+def test_dual_gemm_tails_use_wgmma_without_spills():
+    """The block tails that also run their projection shortcut (HAS_SHORTCUT) compile cleanly too."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = (
+        "import json, torch, triton\n"
+        "from benchmarks.kernel_report import shortcut_variants, launch_args, specialise, analyse\n"
+        "from fastres.kernels import conv\n"
+        "vs = shortcut_variants('resnet50')\n"
+        "assert len(vs) == 4, [v.name for v in vs]\n"
+        "v = vs[1]\n"
+        "args, consts, cfg, grid = launch_args(v.shape, 32, torch.float16, shortcut=v.shortcut)\n"
+        "assert consts['HAS_SHORTCUT'] and consts['SC_STRIDE_H'] == 2\n"
+        "src, options, target, key = specialise(conv._conv_bias_act_fwd_kernel, 90, args, consts, cfg)\n"
+        "ck = triton.compile(src, target=target, options=options.__dict__)\n"
+        "print(json.dumps(analyse(ck, 90, cfg.num_warps)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rec["ptx_wgmma"] > 0 and rec["sass_hgmma"] > 0, rec
+    assert rec["spill_store_bytes"] == 0 and rec["sass_stl"] == 0, rec
