@@ -94,3 +94,61 @@ def test_dual_gemm_tails_use_wgmma_without_spills():
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rec["ptx_wgmma"] > 0 and rec["sass_hgmma"] > 0, rec
     assert rec["spill_store_bytes"] == 0 and rec["sass_stl"] == 0, rec
+
+
+VARIANTS_PROBE = """
+import json, torch, triton
+from triton.runtime.jit import MockTensor
+from benchmarks.kernel_report import launch_args, specialise, analyse
+from benchmarks.shapes import ConvShape
+from fastres.kernels import conv, pool
+
+
+class Cfg:
+    num_warps, num_stages = 4, 1
+
+
+def compile90(kernel, args, consts, cfg=Cfg):
+    src, options, target, _ = specialise(kernel, 90, args, consts, cfg)
+    return analyse(triton.compile(src, target=target, options=options.__dict__), 90, cfg.num_warps)
+
+
+out = {}
+layers = {
+    "resnext_grouped_flatk": ConvShape(128, 56, 56, 128, 3, 3, 1, 1, groups=32),
+    "dilated_3x3": ConvShape(256, 28, 28, 256, 3, 3, 1, 2, dilation=2),
+    "3x3_res": ConvShape(64, 56, 56, 64, 3, 3, 1, 1, has_residual=True),
+}
+for dt, prec in ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16, "tf32")):
+    for name, shape in layers.items():
+        args, consts, cfg, _ = launch_args(shape, 8, dt)
+        consts["DOT_PRECISION"] = prec
+        if prec == "ieee":  # as the launcher does
+            cfg = conv.fit_ieee(cfg)
+            consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+        out[f"conv {name} {dt} {prec}"] = compile90(conv._conv_bias_act_fwd_kernel, args, consts, cfg)
+for dt in (torch.float16, torch.bfloat16, torch.float32):
+    t = MockTensor(dt)
+    st, so = (112 * 112 * 64, 1, 112 * 64, 64), (56 * 56 * 64, 1, 56 * 64, 64)
+    consts = dict(KH=3, KW=3, STRIDE_H=2, STRIDE_W=2, PAD_H=1, PAD_W=1, BLOCK_P=32, BLOCK_C=64)
+    out[f"maxpool {dt}"] = compile90(pool._max_pool2d_fwd_kernel, [t, t, 32, 64, 112, 112, 56, 56, *st, *so], consts)
+    st = (7 * 7 * 2048, 1, 7 * 2048, 2048)
+    args = [t, t, 2048, 7, 7, *st, 2048, 1]
+    out[f"avgpool {dt}"] = compile90(pool._global_avg_pool_fwd_kernel, args, dict(BLOCK_HW=64, BLOCK_C=64))
+print(json.dumps(out))
+"""
+
+
+def test_every_kernel_variant_compiles_for_sm90():
+    """fp32 (tf32 and ieee) and bf16 convs, grouped and dilated, and both pools build for Hopper."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", VARIANTS_PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(recs) == 15
+    for name, rec in recs.items():
+        assert rec["spill_store_bytes"] == 0, f"{name}: spills {rec}"
+        if name.startswith("conv") and "float32 ieee" not in name:
+            assert rec["ptx_wgmma"] > 0, f"{name}: no wgmma ({rec['tensor_core']})"
