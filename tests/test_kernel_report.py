@@ -131,7 +131,8 @@ for dt in (torch.float16, torch.bfloat16, torch.float32):
     t = MockTensor(dt)
     st, so = (112 * 112 * 64, 1, 112 * 64, 64), (56 * 56 * 64, 1, 56 * 64, 64)
     consts = dict(KH=3, KW=3, STRIDE_H=2, STRIDE_W=2, PAD_H=1, PAD_W=1, BLOCK_P=32, BLOCK_C=64)
-    out[f"maxpool {dt}"] = compile90(pool._max_pool2d_fwd_kernel, [t, t, 32, 64, 112, 112, 56, 56, *st, *so], consts)
+    args = [t, t, 32, 64, 112, 112, 56, 56, *st, *so]
+    out[f"maxpool {dt}"] = compile90(pool._max_pool2d_fwd_kernel, args, consts)
     st = (7 * 7 * 2048, 1, 7 * 2048, 2048)
     args = [t, t, 2048, 7, 7, *st, 2048, 1]
     out[f"avgpool {dt}"] = compile90(pool._global_avg_pool_fwd_kernel, args, dict(BLOCK_HW=64, BLOCK_C=64))
