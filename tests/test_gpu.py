@@ -55,11 +55,20 @@ def _run_layer(shape, dtype, precision, residual, config=None):
     return y, ref
 
 
-@pytest.mark.parametrize("dtype, precision, layer_rel, _model_rel", GPU_NUMERICS)
-@pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-def test_layer_numerics_on_gpu(shape, residual, dtype, precision, layer_rel, _model_rel):
-    y, ref = _run_layer(shape, dtype, precision, residual)
+# Every shape class in each fast mode, with the residual epilogue (the interpreter tests cover the
+# epilogue variants); exact fp32 on three shapes. Each case is a compile: the GPU check has minutes.
+LAYER_CASES = [(shape, *mode) for shape in SHAPES for mode in GPU_NUMERICS if mode[1] != "ieee"] + [
+    (shape, *mode) for shape in SHAPES[1:4] for mode in GPU_NUMERICS if mode[1] == "ieee"
+]
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, precision, layer_rel, _model_rel",
+    LAYER_CASES,
+    ids=[f"{c[0][0]}-{str(c[1])[6:]}-{c[2]}" for c in LAYER_CASES],
+)
+def test_layer_numerics_on_gpu(shape, dtype, precision, layer_rel, _model_rel):
+    y, ref = _run_layer(shape, dtype, precision, True)
     assert_close(y, ref, rel=layer_rel, atol=10 * layer_rel, rtol=10 * layer_rel, what=f"{shape[0]} {dtype}")
 
 
@@ -90,7 +99,7 @@ def test_num_warps_sweep_matches_reference(shape, num_warps):
 
 
 @pytest.mark.parametrize("dtype, precision, _layer_rel, model_rel", GPU_NUMERICS)
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("arch", ["resnet50"])
 def test_whole_model_on_gpu(arch, dtype, precision, _layer_rel, model_rel, monkeypatch):
     monkeypatch.setenv("FASTRES_FP32_PRECISION", precision)
     torch.manual_seed(0)
