@@ -115,3 +115,25 @@ def test_whole_model_on_gpu(arch, dtype, precision, _layer_rel, model_rel, monke
     assert_close(
         y, ref, rel=model_rel, atol=50 * model_rel, rtol=50 * model_rel, what=f"{arch} {dtype} {precision}"
     )
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
+def test_dual_gemm_tail_on_gpu(dtype, rel):
+    """ResNet-50 layer2.0's tail: 1×1 128→512 on 28×28 plus the 256→512 stride-2 shortcut, one kernel."""
+    conv3, bn3 = make_conv_bn(128, 512, 1, 1, 0, 1, 1)
+    conv_ds, bn_ds = make_conv_bn(256, 512, 1, 2, 0, 1, 1)
+    x = torch.randn(4, 256, 56, 56).to(dtype).to(memory_format=torch.channels_last)
+    y = torch.randn(4, 128, 28, 28).to(dtype).to(memory_format=torch.channels_last)
+    short = reference(x, conv_ds.to(dtype), bn_ds.to(dtype), None, False)
+    ref = reference(y, conv3.to(dtype), bn3.to(dtype), short, True)
+    main = fold_conv_bn(conv3.float().cuda(), bn3.float().cuda(), dtype)
+    sc = fold_conv_bn(conv_ds.float().cuda(), bn_ds.float().cuda(), dtype)
+    out = conv_bias_act(
+        y.cuda(),
+        main.weight,
+        main.bias + sc.bias,
+        shortcut_x=x.cuda(),
+        shortcut_weight=sc.weight,
+        shortcut_stride=2,
+    )
+    assert_close(out, ref, rel=rel, atol=10 * rel, rtol=10 * rel, what=f"dual GEMM {dtype}")
