@@ -39,7 +39,8 @@ if git -C "$REPO" rev-parse HEAD >/dev/null 2>&1; then
 fi
 
 # Budgets in seconds (each python step also gets a hard timeout of budget + slack). Worst case, every
-# step at its hard timeout: full 110+140+170+40 s plus ~15 s of report = 475 s; quick 35+40+60+30+15 = 180 s.
+# step at its hard timeout: full 100+100+120+40+100 s plus ~15 s of report = 475 s;
+# quick 35+40+60+30+15 = 180 s (no cold-start step: each of its processes builds a model afresh).
 if [ $QUICK = 1 ]; then
   T_TESTS=35; B_KERN=25; B_MODEL=45; SLACK=15
   ROOF_ARGS=(--models resnet50 --batches 1,32); T_ROOF=30
@@ -47,7 +48,7 @@ if [ $QUICK = 1 ]; then
   MODEL_ARGS=(--models resnet50 --batches 1,32 --dtypes fp16 --rep-ms 100
               --providers eager,fastres,cudnn_folded,fastres_graphs,compile)
 else
-  T_TESTS=110; B_KERN=110; B_MODEL=140; SLACK=30
+  T_TESTS=100; B_KERN=80; B_MODEL=100; SLACK=20; T_COLD=100
   ROOF_ARGS=(--models resnet18,resnet50,resnet101,resnet152 --batches 1,32,256); T_ROOF=40
   KERN_ARGS=(--models resnet50,resnet18,resnet101 --batches 32,256 --dtypes fp16,bf16,tf32 --rep-ms 50)
   MODEL_ARGS=(--models resnet50,resnet18,resnet101,resnet152 --batches 1,32,256 --dtypes fp16,bf16 --rep-ms 100)
@@ -74,7 +75,7 @@ if [ $DRY = 1 ]; then
 from benchmarks._bootstrap import ensure_fastres
 how = ensure_fastres()
 import fastres, fastres.ops, fastres.kernels.conv  # noqa: E401,F401
-from benchmarks import bench_kernels, bench_models, kernel_report, report, roofline, shapes, smoke  # noqa: F401
+from benchmarks import bench_kernels, bench_models, cold_start, kernel_report, report, roofline, shapes, smoke  # noqa: F401,E501
 print(f"imports OK (fastres {how}: {fastres.__file__})")
 PYEOF
   TRITON_INTERPRET=1 "$PY" -m pytest -p benchmarks._bootstrap -m gpu tests --collect-only -q 2>&1 | tail -2
@@ -93,6 +94,14 @@ run timeout -s TERM $((B_KERN + SLACK)) "$PY" -m benchmarks.bench_kernels "${KER
 step "whole models (budget ${B_MODEL}s)"
 run timeout -s TERM $((B_MODEL + SLACK)) "$PY" -m benchmarks.bench_models "${MODEL_ARGS[@]}" \
   --budget "$B_MODEL" --out "$WORK/models.json" || STATUS=1
+
+if [ $QUICK = 0 ]; then
+  # Empty Triton cache, then the cache it filled: convert → first correct output, ResNet-50 b32 fp16.
+  # torch.compile's first compile on this fresh machine is in the model suite's cold_start_s.
+  step "cold and warm start (timeout ${T_COLD}s)"
+  run timeout -s TERM "$T_COLD" "$PY" -m benchmarks.cold_start --arch resnet50 --batch 32 --dtype fp16 \
+    --providers fastres --timeout 45 --out "$WORK/cold_start.json" || STATUS=1
+fi
 
 step "launch-and-bytes model"
 run timeout -s TERM "$T_ROOF" "$PY" -m benchmarks.roofline "${ROOF_ARGS[@]}" --out "$WORK/roofline.json" \

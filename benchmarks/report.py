@@ -292,6 +292,21 @@ def plot_roofline(run, path: Path) -> Path | None:
     return path
 
 
+def cold_start_md(run) -> str:
+    rows = [
+        "| provider | phase | model | batch | dtype | seconds | rel err | correct |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in run["records"]:
+        secs = f"{r['seconds']:.2f}" if "seconds" in r else "error"
+        err = f"{r['rel_err']:.1e}" if "rel_err" in r else "-"
+        rows.append(
+            f"| {r['provider']} | {r['phase']} | {r['arch']} | {r['batch']} | {r['dtype']} | {secs} | {err} "
+            f"| {r.get('correct', False)} |"
+        )
+    return "\n".join(rows)
+
+
 def summary_lines(runs) -> list[str]:
     """A short table for the end of a log: geomean kernel speedups and per-model fastres vs best peer."""
     s = by_suite(runs)
@@ -308,6 +323,12 @@ def summary_lines(runs) -> list[str]:
             lines.append(
                 f"models   {m:<9} {d:<5} b{b:<4} fastres {_fmt(ours, '.4g'):>7} img/s, best peer "
                 f"{_fmt(best, '.4g'):>7} img/s, {_fmt(ratio, '.3g')}x"
+            )
+    for run in s.get("cold_start", []):
+        for r in run["records"]:
+            took = f"{r['seconds']:.2f} s" if "seconds" in r else "error"
+            lines.append(
+                f"start    {r['provider']:<8} {r['phase']:<4} {r['arch']} b{r['batch']} {r['dtype']}: {took}"
             )
     for run in s.get("kernel_report", []):
         flags = sorted({(r["arch"], f) for r in run["records"] for f in r["flags"]})
@@ -361,6 +382,13 @@ def render(runs, out_dir: Path) -> dict:
         if p:
             pngs.append(p)
             md += [f"![launches and bytes]({p.name})", ""]
+    for run in s.get("cold_start", []):
+        md += [
+            "## Cold and warm start (convert or compile → first correct output)",
+            "",
+            cold_start_md(run),
+            "",
+        ]
     for run in s.get("kernel_report", []):
         md += ["## Compiled kernel report", "", kernel_report.to_markdown(run), ""]
     md += ["## Summary", "", "```", *summary_lines(runs), "```", ""]
