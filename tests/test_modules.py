@@ -320,6 +320,16 @@ def test_batch_zero_one_and_nan():
     assert_close(run(fast, x), eager64(model, x), **FP32, what="batch 1")
     x[0, 1, 5, 5] = float("nan")
     assert torch.equal(run(fast, x).isnan(), eager64(model, x).isnan())
+    x = torch.randn(1, 3, 33, 31)
+    x[0, 0, 3, 4] = float("inf")
+    out, ref = run(fast, x), eager64(model, x)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+
+
+def test_input_on_another_device_is_a_clear_error():
+    fast = fastres.convert(tiny_resnet())
+    with pytest.raises(ValueError, match="conv1.*input is on meta but the module's weights are on cpu"):
+        fast(torch.empty(1, 3, 32, 32, device="meta"))
 
 
 @pytest.mark.parametrize(
