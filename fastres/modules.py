@@ -17,6 +17,8 @@ gradients to every parameter), since fused training kernels do not exist yet.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -50,8 +52,24 @@ def fused_path_ok(module: nn.Module, x: torch.Tensor, params, *, training: bool)
     if _exporting():
         return True  # an exported eval model is an inference graph: fused ops, no autograd
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        _warn_eager_once()
         return False
     return True
+
+
+_WARNED = []
+
+
+def _warn_eager_once() -> None:
+    """Say once per process why an eval forward is not fused: correct, but not fast."""
+    if _WARNED or torch.compiler.is_compiling():
+        return
+    _WARNED.append(True)
+    warnings.warn(
+        "fastres: an eval forward that needs gradients runs the original (eager) computation; "
+        "use torch.inference_mode() / torch.no_grad() (or freeze the parameters) for the fused kernels",
+        stacklevel=4,
+    )
 
 
 def _exporting() -> bool:

@@ -362,3 +362,18 @@ def test_convert_with_example_input_warms_up(capsys):
     fast = fastres.convert(tiny_resnet(), example_input=torch.randn(1, 3, 32, 32))
     assert fast.conv1._fold.folds == 1 and fast.layer4[0]._folds["tail"].folds == 1
     assert isinstance(fast.avgpool, fastres.FusedHead) and not fast.avgpool.training
+
+
+def test_eval_with_gradients_warns_once(monkeypatch):
+    from fastres import modules
+
+    monkeypatch.setattr(modules, "_WARNED", [])
+    fast = fastres.convert(tiny_resnet())
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="inference_mode"):
+        fast(x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast(x)  # said once per process, not per forward
