@@ -7,6 +7,7 @@ progress, and says what it did.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from torch import nn
 from fastres.fold import FoldCache
 from fastres.kernels import conv as _conv
 from fastres.kernels import pool as _pool
+from fastres.kernels._common import INTERPRET, compile_only
 from fastres.modules import FusedConvBNAct2d, FusedHead, _FusedBlock
 
 
@@ -37,6 +39,8 @@ class WarmupReport:
     seconds: float = 0.0
     kernels: int | None = None
     folds: int = 0
+    parallel_seconds: float | None = None  # the threaded compile phase, when it ran
+    parallel_kernels: int | None = None  # kernels it compiled
 
     def __str__(self) -> str:
         compiled = (
@@ -80,12 +84,45 @@ def _sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
-def warmup(model: nn.Module, example_input: torch.Tensor, *, verbose: bool = True) -> WarmupReport:
+def _compile_in_parallel(model: nn.Module, x: torch.Tensor, threads: int, verbose: bool) -> float | None:
+    """Compile every kernel one forward launches, in ``threads`` threads, running none of them.
+
+    The forward runs with launches turned into compile requests (``compile_only``) under Triton's
+    AsyncCompileMode, which compiles them in a thread pool (ptxas and much of the compiler run
+    outside the GIL). Returns the seconds taken, or None where that is not possible (CPU, the
+    interpreter, a Triton without AsyncCompileMode) or failed: the ordinary forward then compiles.
+    """
+    if x.device.type != "cuda" or INTERPRET or threads < 2:
+        return None
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode  # Triton 3.4+
+    except ImportError:
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(threads) as pool, AsyncCompileMode(pool), compile_only():
+            with torch.inference_mode():
+                model(x)
+    except Exception as e:  # noqa: BLE001 - a failure here only means compiling one by one
+        warnings.warn(f"fastres.warmup: parallel compile failed ({e!r}); compiling one by one", stacklevel=3)
+        return None
+    seconds = time.perf_counter() - t0
+    if verbose:
+        print(f"fastres warmup: compiled in {threads} threads in {seconds:.2f} s", flush=True)
+    return seconds
+
+
+def warmup(
+    model: nn.Module, example_input: torch.Tensor, *, verbose: bool = True, threads: int | None = None
+) -> WarmupReport:
     """Run ``model(example_input)`` once under ``torch.inference_mode`` so that every kernel
     specialization it needs is compiled and every fold is made; print one line per fused module
     (kernels compiled, folds, seconds) when ``verbose``. Use the shape and dtype of real inputs:
     another batch size compiles nothing new, but another dtype or resolution may. With
-    ``FASTRES_AUTOTUNE=1`` this is also when new shapes are tuned.
+    ``FASTRES_AUTOTUNE=1`` this is also when new shapes are tuned. On a GPU the kernels are first
+    compiled in ``threads`` threads (default: the CPU count, at most 16; 1 turns that off).
 
     >>> fast = fastres.convert(model.eval().cuda().half())                 # doctest: +SKIP
     >>> fastres.warmup(fast, torch.randn(32, 3, 224, 224, device="cuda", dtype=torch.half))  # doctest: +SKIP
@@ -146,6 +183,13 @@ def warmup(model: nn.Module, example_input: torch.Tensor, *, verbose: bool = Tru
             flush=True,
         )
     t_start = time.perf_counter()
+    k_parallel = _compiled_kernels()
+    report.parallel_seconds = _compile_in_parallel(
+        model, example_input, threads if threads is not None else min(16, os.cpu_count() or 1), verbose
+    )
+    if report.parallel_seconds is not None:
+        k_now = _compiled_kernels()
+        report.parallel_kernels = None if k_now is None or k_parallel is None else k_now - k_parallel
     try:
         with torch.inference_mode():
             model(example_input)

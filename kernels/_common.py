@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -13,12 +15,44 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.cache
+_COMPILE_ONLY = contextvars.ContextVar("fastres_compile_only", default=False)
+
+
+@contextlib.contextmanager
+def compile_only():
+    """Launches inside compile (``kernel.warmup``) and run nothing: outputs stay uninitialised.
+    ``fastres.warmup`` uses it under Triton's AsyncCompileMode to compile a model's kernels in threads."""
+    token = _COMPILE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _COMPILE_ONLY.reset(token)
+
+
+def compiling_only() -> bool:
+    return _COMPILE_ONLY.get()
+
+
+class _CompileRequest:
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.kernel.warmup(*args, grid=grid, **kwargs)
+
+
 def launchable(kernel):
     """The kernel as torch.compile can trace it (``wrap_triton``); the raw one under the interpreter,
-    which torch's wrapper does not accept."""
+    which torch's wrapper does not accept; a compile request inside ``compile_only()``."""
     if INTERPRET:
         return kernel
+    if _COMPILE_ONLY.get():
+        return _CompileRequest(kernel)
+    return _traceable(kernel)
+
+
+@functools.cache
+def _traceable(kernel):
     from torch.library import wrap_triton
 
     return wrap_triton(kernel)

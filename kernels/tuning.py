@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from . import conv as _conv
-from ._common import INTERPRET, next_pow2
+from ._common import INTERPRET, compiling_only, next_pow2
 
 TABLE_FORMAT = 1
 # Autotune timing: short warm-up and repetition windows, so one shape (8 candidates, each compiled
@@ -283,7 +283,7 @@ def autotune_enabled() -> bool:
 
 def _can_benchmark(x: torch.Tensor) -> bool:
     """Real CUDA tensors outside graph capture and tracing: do_bench launches and synchronizes."""
-    if x.device.type != "cuda" or torch.compiler.is_compiling():
+    if x.device.type != "cuda" or torch.compiler.is_compiling() or compiling_only():
         return False
     try:
         from torch._subclasses.fake_tensor import is_fake
