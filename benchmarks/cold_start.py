@@ -49,7 +49,7 @@ sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
 sync()
 t0 = time.perf_counter()
 if provider == "fastres":
-    run = fastres.convert(model)
+    run = fastres.convert(model, example_input=x)  # warmup: kernels compiled in threads on a GPU
 else:
     import torch._inductor.config as cfg
     cfg.freezing = True
