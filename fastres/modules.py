@@ -143,6 +143,17 @@ def conv_fold_reason(conv: nn.Module) -> str | None:
 # conv → BN → act among siblings
 
 
+def _retype(module: nn.Module, cls: type) -> nn.Module:
+    """A ``cls`` instance holding the same parameters, buffers and settings as ``module`` (its own
+    registries, so the original is left intact)."""
+    new = cls.__new__(cls)
+    state = dict(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        state[key] = dict(state[key])
+    new.__dict__.update(state)
+    return new
+
+
 class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
     """A Conv2d that also applies the BatchNorm (and ReLU) after it, in one kernel, in eval.
 
@@ -157,11 +168,7 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
     def from_modules(
         cls, conv: nn.Conv2d, bn: nn.Module | None, act: nn.Module | None = None
     ) -> FusedConvBNAct2d:
-        new = cls.__new__(cls)
-        state = dict(conv.__dict__)
-        for key in ("_parameters", "_buffers", "_modules"):
-            state[key] = dict(state[key])
-        new.__dict__.update(state)
+        new = _retype(conv, cls)
         # Unregistered references: the norm and act stay registered where they were.
         new.__dict__["_bn"] = FoldedBatchNorm2d.wrap(bn, new) if bn is not None else None
         new.__dict__["_act"] = FoldedReLU.wrap(act, new) if act is not None else None
@@ -207,14 +214,7 @@ class _PassThroughWhenFused:
 
     @classmethod
     def wrap(cls, module: nn.Module, owner: FusedConvBNAct2d):
-        if isinstance(module, _PassThroughWhenFused):
-            new = module
-        else:
-            new = cls.__new__(cls)
-            state = dict(module.__dict__)
-            for key in ("_parameters", "_buffers", "_modules"):
-                state[key] = dict(state[key])
-            new.__dict__.update(state)
+        new = module if isinstance(module, _PassThroughWhenFused) else _retype(module, cls)
         new.__dict__["_owner"] = owner
         return new
 
