@@ -144,6 +144,73 @@ def verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def bench(args: argparse.Namespace) -> int:
+    """Images/s of eager NCHW, eager channels_last, fastres and fastres + CUDA graphs, one GPU."""
+    if not torch.cuda.is_available():
+        print(
+            "fastres bench times models on a CUDA GPU and none is visible. On the CPU, "
+            "`make bench-smoke` runs every benchmark code path; benchmarks/gpu_check.sh is the full suite.",
+            file=sys.stderr,
+        )
+        return 2
+    import copy
+    import json
+
+    import torchvision
+
+    import fastres
+    from fastres.testing import randomize_bn, rel_err
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    tol = {"fp16": 1e-2, "bf16": 3e-2, "fp32": 5e-3}[args.dtype]
+    torch.manual_seed(args.seed)
+    model = randomize_bn(getattr(torchvision.models, args.arch)(), args.seed).eval().cuda().to(dtype)
+    x = torch.randn(args.batch, 3, args.size, args.size, device="cuda", dtype=dtype)
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    fast = fastres.convert(model, example_input=x)
+    graphs = fastres.cuda_graphs(fast)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = model(x)
+        err = rel_err(fast(x), ref)
+    if err > tol:
+        print(f"fastres output is off: rel err {err:.2e} > {tol:.0e}; not timing it", file=sys.stderr)
+        return 1
+    runs = {
+        "eager NCHW": lambda: model(x),
+        "eager channels_last": lambda: model_cl(x_cl),
+        "fastres": lambda: fast(x),
+        "fastres + CUDA graphs": lambda: graphs(x),
+    }
+    gpu = torch.cuda.get_device_name()
+    print(
+        f"{args.arch}, batch {args.batch}, {args.dtype}, {args.size}x{args.size} on {gpu}; "
+        f"fastres rel err vs eager {err:.1e}"
+    )
+    print(f"{'provider':<24} {'ms (median)':>12} {'images/s':>10}")
+    results = {}
+    for name, fn in runs.items():
+        ms = _time_ms(fn, x.device)
+        results[name] = ms
+        print(f"{name:<24} {ms:>12.3f} {args.batch / ms * 1e3:>10.0f}", flush=True)
+    if args.json:
+        doc = {
+            "arch": args.arch,
+            "batch": args.batch,
+            "dtype": args.dtype,
+            "size": args.size,
+            "gpu": gpu,
+            "torch": torch.__version__,
+            "fastres": fastres.__version__,
+            "rel_err": err,
+            "median_ms": results,
+        }
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastres", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -160,6 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=verify)
+    p = sub.add_parser("bench", help="time eager vs fastres (and CUDA graphs) on this GPU")
+    p.add_argument("--arch", default="resnet50", choices=ARCHS)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the times to this JSON file")
+    p.set_defaults(fn=bench)
     args = parser.parse_args(argv)
     return args.fn(args)
 
