@@ -410,7 +410,7 @@ def convert(
         model = copy.deepcopy(model)
     walker = _Walker(filter_fn, apply=True)
     walker.root = model
-    if isinstance(model, (BasicBlock, Bottleneck)) and BasicBlock is not None:
+    if BasicBlock is not None and isinstance(model, (BasicBlock, Bottleneck)):
         raise ValueError(
             "fastres.convert: pass the model that contains the block, or use "
             "FusedBasicBlock/FusedBottleneck.from_module(block) directly"
