@@ -32,3 +32,14 @@ def test_bench_times_on_a_gpu(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--arch", "resnet18", "--batch", "8", "--json", str(out)]) == 0
     assert out.exists() and "fastres + CUDA graphs" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_tune_script_says_it_needs_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.tune"], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode == 2 and "CUDA GPU" in proc.stderr
