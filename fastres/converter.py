@@ -19,6 +19,7 @@ from torch import nn
 
 from fastres.fold import bn_fold_reason
 from fastres.modules import (
+    FUSED_TYPES,
     FusedBasicBlock,
     FusedBottleneck,
     FusedConvBNAct2d,
@@ -295,7 +296,7 @@ class _LeafTracer(torch.fx.Tracer):
     """Traces a model's own code; our modules, torch.nn's and the norm layers are leaves."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (FusedConvBNAct2d, _PassThroughWhenFused, FusedHead, _FusedBlock) + _NORMS):
+        if isinstance(m, FUSED_TYPES + _NORMS):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -339,7 +340,7 @@ def _fx_runs(module: nn.Module) -> list[tuple[str, str, str | None]] | None:
 
 def _fx_pass(walker: _Walker, module: nn.Module, path: str, shared: set[int]) -> None:
     """Fuse conv → BN (→ ReLU) runs anywhere, by data flow; recurse where tracing fails."""
-    if isinstance(module, (FusedConvBNAct2d, _PassThroughWhenFused, FusedHead, _FusedBlock)):
+    if isinstance(module, FUSED_TYPES):
         return
     runs = _fx_runs(module)
     if runs is None:

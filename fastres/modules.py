@@ -45,7 +45,7 @@ def _device_ok(x: torch.Tensor) -> bool:
     return False
 
 
-def fused_path_ok(module: nn.Module, x: torch.Tensor, params, *, training: bool) -> bool:
+def fused_path_ok(x: torch.Tensor, params, *, training: bool) -> bool:
     """True when the fused kernels compute what the original module would, and no autograd is needed."""
     if training or not _device_ok(x):
         return False
@@ -190,13 +190,16 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
 
     def fuses(self, x: torch.Tensor) -> bool:
         training = self.training or (self._bn is not None and self._bn.training)
-        return fused_path_ok(self, x, self._group_params(), training=training)
+        return fused_path_ok(x, self._group_params(), training=training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # 4-D only: the BatchNorm2d folded in here rejects unbatched input in eager too.
         check_input(self, x, self.in_channels, self.weight.dtype, self.weight.device)
         if not self.fuses(x):
             return super().forward(x)
+        return self._fused_forward(x)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         folded = self._fold_for(self._fold, self, self._bn, x.dtype)
         return ops.conv_bias_act(
             x, folded.weight, folded.bias, None, *_conv_args(self), self._act is not None
@@ -292,10 +295,10 @@ class FusedStem(FusedConvBNAct2d):
         new.__dict__["_pool"] = FoldedMaxPool2d.wrap(pool, new) if pool is not None else None
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
-        if self._pool is None or not self.fuses(x):
-            return y  # the FoldedMaxPool2d after us pools, exactly as before
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super()._fused_forward(x)
+        if self._pool is None:
+            return y  # a max-pool that is not fused stays an ordinary module after us
         pool = self._pool
         return ops.max_pool2d(y, _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding))
 
@@ -317,7 +320,7 @@ class FusedHead(nn.AdaptiveAvgPool2d):
             x.dim() == 4
             and _pair(self.output_size) == [1, 1]
             and x.numel() > 0
-            and fused_path_ok(self, x, (), training=False)
+            and fused_path_ok(x, (), training=False)
         ):
             return ops.global_avg_pool(x)
         return super().forward(x)
@@ -409,38 +412,25 @@ class _FusedBlock(_FoldedMixin, nn.Module):
 
     def fuses(self, x: torch.Tensor) -> bool:
         training = any(m.training for m in self.modules())
-        return fused_path_ok(self, x, self.parameters(), training=training)
+        return fused_path_ok(x, self.parameters(), training=training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv1 = self.conv1
         check_input(self, x, conv1.in_channels, conv1.weight.dtype, conv1.weight.device)
         if not self.fuses(x):
             return self._source_cls.forward(self, x)
-        if self._dual_shortcut():
-            out = x
-            for conv_name, bn_name in self._convs[:-1]:
-                out = self._cba(out, conv_name, bn_name, relu=True)
-            weight, shortcut_weight, bias = self._tail_fold(x.dtype)
-            conv = getattr(self, self._convs[-1][0])
-            return ops.conv_shortcut_bias_act(
-                out,
-                weight,
-                bias,
-                x,
-                shortcut_weight,
-                *_conv_args(conv),
-                list(self.downsample[0].stride),
-                True,
-            )
-        identity = self._shortcut(x)
         out = x
-        last = len(self._convs) - 1
-        for i, (conv_name, bn_name) in enumerate(self._convs):
-            if i < last:
-                out = self._cba(out, conv_name, bn_name, relu=True)
-            else:
-                out = self._cba(out, conv_name, bn_name, residual=identity, relu=True)
-        return out
+        for conv_name, bn_name in self._convs[:-1]:
+            out = self._cba(out, conv_name, bn_name, relu=True)
+        last_conv, last_bn = self._convs[-1]
+        if not self._dual_shortcut():
+            return self._cba(out, last_conv, last_bn, residual=self._shortcut(x), relu=True)
+        weight, shortcut_weight, bias = self._tail_fold(x.dtype)
+        shortcut_stride = list(self.downsample[0].stride)
+        conv_args = _conv_args(getattr(self, last_conv))
+        return ops.conv_shortcut_bias_act(
+            out, weight, bias, x, shortcut_weight, *conv_args, shortcut_stride, True
+        )
 
     def extra_repr(self) -> str:
         shortcut = ""
@@ -495,6 +485,7 @@ def refold(model: nn.Module) -> nn.Module:
     return model
 
 
+# Every module type convert creates: what it must neither trace into nor convert again.
 FUSED_TYPES = (FusedConvBNAct2d, _FusedBlock, FusedHead, _PassThroughWhenFused)
 __all__ = [
     "refold",
