@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -59,3 +61,55 @@ def assert_close(
     assert err <= rel and elem_ok, f"{what}: rel err {err:.3e} (limit {rel:g})\n" + describe_diff(
         o, r, atol, rtol
     )
+
+
+class LaunchLog(list):
+    """The Triton kernels launched inside ``count_launches()``, by name, in order."""
+
+    def count_of(self, name: str) -> int:
+        return sum(1 for k in self if k == name)
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Record every Triton launch the fastres launchers make (conv and pool kernel families).
+
+    The benchmarks use it to prove that a "fastres" figure came from the fused kernels, and the tests
+    to prove that a path was fused rather than run eagerly. The launch itself still happens.
+
+    >>> with count_launches() as launches:                              # doctest: +SKIP
+    ...     fast(x)
+    >>> assert len(launches) == 51                                      # doctest: +SKIP
+    """
+    from fastres.kernels import conv as conv_kernels
+    from fastres.kernels import pool as pool_kernels
+
+    log = LaunchLog()
+    patched = [(mod, mod.launchable) for mod in (conv_kernels, pool_kernels)]
+
+    def counting(original):
+        def launchable(kernel):
+            inner = original(kernel)
+            name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
+
+            class _Counted:
+                def __getitem__(self, grid):
+                    launch = inner[grid]
+
+                    def run(*args, **kwargs):
+                        log.append(name)
+                        return launch(*args, **kwargs)
+
+                    return run
+
+            return _Counted()
+
+        return launchable
+
+    for mod, original in patched:
+        mod.launchable = counting(original)
+    try:
+        yield log
+    finally:
+        for mod, original in patched:
+            mod.launchable = original
