@@ -7,6 +7,7 @@ progress, and says what it did.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import time
 import warnings
@@ -28,7 +29,7 @@ class LayerWarmup:
     kind: str
     seconds: float
     kernels: int | None  # kernels compiled during this layer's forward; None under the interpreter
-    folds: int  # BN folds made during it
+    folds: int  # BN folds made for it during warmup (its share of the threaded phase included)
 
 
 @dataclass
@@ -84,6 +85,44 @@ def _sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
+def _parallel_possible(x: torch.Tensor, threads: int) -> bool:
+    """Compiled Triton on a GPU, more than one thread: the threaded phase has something to do."""
+    return x.device.type == "cuda" and not INTERPRET and threads >= 2
+
+
+def _drop_unfinished_compiles() -> None:
+    """Remove from our kernels' caches every async compile that has no finished kernel.
+
+    Triton stores the ``FutureKernel`` of an async compile in the kernel cache at submit time; one whose
+    compile raised (or was never finalised because ``AsyncCompileMode.__exit__`` raised first) would
+    raise again at every later launch of that specialization. Without it the serial forward compiles it.
+    """
+    for mod in (_conv, _pool):
+        for value in vars(mod).values():
+            caches = getattr(value, "device_caches", None)
+            if not isinstance(caches, dict):
+                continue
+            for entry in list(caches.values()):
+                kernels = entry[0] if isinstance(entry, tuple) and entry else None
+                if not isinstance(kernels, dict):
+                    continue
+                for key, kernel in list(kernels.items()):
+                    # vars(): FutureKernel.__getattr__ would wait for (and re-raise) the compile.
+                    if type(kernel).__name__ == "FutureKernel" and vars(kernel).get("kernel") is None:
+                        kernels.pop(key, None)
+
+
+def _threaded_forward(model: nn.Module, x: torch.Tensor, threads: int) -> None:
+    """One forward with launches as compile requests, compiled in a pool of ``threads`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode  # Triton 3.4+
+
+    with ThreadPoolExecutor(threads) as pool, AsyncCompileMode(pool), compile_only():
+        with torch.inference_mode():
+            model(x)
+
+
 def _compile_in_parallel(model: nn.Module, x: torch.Tensor, threads: int, verbose: bool) -> float | None:
     """Compile every kernel one forward launches, in ``threads`` threads, running none of them.
 
@@ -91,23 +130,27 @@ def _compile_in_parallel(model: nn.Module, x: torch.Tensor, threads: int, verbos
     AsyncCompileMode, which compiles them in a thread pool (ptxas and much of the compiler run
     outside the GIL). Returns the seconds taken, or None where that is not possible (CPU, the
     interpreter, a Triton without AsyncCompileMode) or failed: the ordinary forward then compiles.
+
+    The phase runs in a copy of the current ``contextvars`` context, so Triton's ``active_mode`` can
+    never stay set for the serial forward after it: some Triton versions (3.6) finalise the compiles
+    before resetting it in ``AsyncCompileMode.__exit__``, and leave it set when a compile raised; every
+    later compile would then go to the pool that is already shut down.
     """
-    if x.device.type != "cuda" or INTERPRET or threads < 2:
+    if not _parallel_possible(x, threads):
         return None
     try:
-        from triton.runtime._async_compile import AsyncCompileMode  # Triton 3.4+
+        import triton.runtime._async_compile  # noqa: F401  (Triton 3.4+)
     except ImportError:
         return None
-    from concurrent.futures import ThreadPoolExecutor
 
     t0 = time.perf_counter()
     try:
-        with ThreadPoolExecutor(threads) as pool, AsyncCompileMode(pool), compile_only():
-            with torch.inference_mode():
-                model(x)
+        contextvars.copy_context().run(_threaded_forward, model, x, threads)
     except Exception as e:  # noqa: BLE001 - a failure here only means compiling one by one
         warnings.warn(f"fastres.warmup: parallel compile failed ({e!r}); compiling one by one", stacklevel=3)
         return None
+    finally:
+        _drop_unfinished_compiles()
     seconds = time.perf_counter() - t0
     if verbose:
         print(f"fastres warmup: compiled in {threads} threads in {seconds:.2f} s", flush=True)
@@ -144,23 +187,28 @@ def warmup(
             stacklevel=2,
         )
     report = WarmupReport()
-    start: dict[int, tuple[float, int | None, int]] = {}
+    start: dict[int, tuple[float, int | None]] = {}
+    # Folds counted from the start of warmup, so those made in the threaded phase (which runs no
+    # hooks) land in the row of the module that made them; updated per call for modules run twice.
+    folds_before = {id(m): _fold_count(m) for _, m in named}
 
     def pre(module, args):
         _sync(example_input)
-        start[id(module)] = (time.perf_counter(), _compiled_kernels(), _fold_count(module))
+        start[id(module)] = (time.perf_counter(), _compiled_kernels())
 
     def post(module, args, output):
         _sync(example_input)
-        t0, k0, f0 = start.pop(id(module))
+        t0, k0 = start.pop(id(module))
         k1 = _compiled_kernels()
+        folds = _fold_count(module)
         row = LayerWarmup(
             name=names[id(module)],
             kind=type(module).__name__,
             seconds=time.perf_counter() - t0,
             kernels=None if k0 is None or k1 is None else k1 - k0,
-            folds=_fold_count(module) - f0,
+            folds=folds - folds_before[id(module)],
         )
+        folds_before[id(module)] = folds
         report.layers.append(row)
         if verbose:
             kernels = "interpreted" if row.kernels is None else f"{row.kernels} kernels compiled"
@@ -171,10 +219,6 @@ def warmup(
             )
 
     names = {id(m): name for name, m in named}
-    handles = []
-    for _, m in named:
-        handles.append(m.register_forward_pre_hook(pre))
-        handles.append(m.register_forward_hook(post))
     k_start = _compiled_kernels()
     if verbose:
         print(
@@ -183,13 +227,18 @@ def warmup(
             flush=True,
         )
     t_start = time.perf_counter()
-    k_parallel = _compiled_kernels()
     report.parallel_seconds = _compile_in_parallel(
         model, example_input, threads if threads is not None else min(16, os.cpu_count() or 1), verbose
     )
     if report.parallel_seconds is not None:
         k_now = _compiled_kernels()
-        report.parallel_kernels = None if k_now is None or k_parallel is None else k_now - k_parallel
+        report.parallel_kernels = None if k_now is None or k_start is None else k_now - k_start
+    # The per-module hooks only around the serial forward: one row per module call, and each row's
+    # kernels are what that call still had to compile.
+    handles = []
+    for _, m in named:
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
     try:
         with torch.inference_mode():
             model(example_input)
