@@ -7,19 +7,26 @@ import contextlib
 import torch
 from torch import nn
 
+try:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    _NORMS: tuple[type, ...] = (nn.BatchNorm2d, FrozenBatchNorm2d)
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    _NORMS = (nn.BatchNorm2d,)
+
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics and affine parameters, in place: defaults (mean 0, var 1, γ 1, β 0) hide
-    folding bugs. Returns ``model``."""
+    """Random BN statistics and affine parameters, in place (BatchNorm2d and torchvision's
+    FrozenBatchNorm2d): defaults (mean 0, var 1, γ 1, β 0) hide folding bugs. Returns ``model``."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
-                n = m.num_features
+            if isinstance(m, _NORMS) and getattr(m, "running_mean", None) is not None:
+                n = m.running_mean.numel()
                 dev = m.running_mean.device
                 m.running_mean.copy_((torch.rand(n, generator=g) - 0.5).to(dev))
                 m.running_var.copy_((torch.rand(n, generator=g) + 0.5).to(dev))
-                if m.affine:
+                if getattr(m, "weight", None) is not None:
                     m.weight.copy_((torch.rand(n, generator=g) + 0.5).to(dev))
                     m.bias.copy_((torch.rand(n, generator=g) - 0.5).to(dev))
     return model
