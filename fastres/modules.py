@@ -77,6 +77,15 @@ def _exporting() -> bool:
     return bool(is_exporting and is_exporting())
 
 
+def autocast_input(x):
+    """``x`` in the dtype an enabled autocast computes convolutions in on x's device (as eager would),
+    and whether autocast is on. Outside autocast, or for a non-float input, ``x`` as it is."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return (x if x.dtype == dtype else x.to(dtype)), True
+    return x, False
+
+
 def _name(module: nn.Module) -> str:
     return getattr(module, "_fastres_name", None) or type(module).__name__
 
@@ -88,6 +97,7 @@ def check_input(
     dtype: torch.dtype,
     device: torch.device,
     ndims: tuple[int, ...] = (4,),
+    autocast: bool = False,
 ) -> None:
     """Clear errors for bad input, before any kernel launch, naming the module and what it expected."""
     where = f"fastres {type(module).__name__} '{_name(module)}'"
@@ -105,7 +115,7 @@ def check_input(
         )
     if x.device != device:
         raise ValueError(f"{where}: input is on {x.device} but the module's weights are on {device}")
-    if x.dtype != dtype:
+    if x.dtype != dtype and not autocast:
         raise TypeError(
             f"{where}: input dtype {x.dtype} does not match the module's weights ({dtype}); "
             f"convert the input or the model (e.g. model.to({dtype}))"
@@ -194,10 +204,13 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # 4-D only: the BatchNorm2d folded in here rejects unbatched input in eager too.
-        check_input(self, x, self.in_channels, self.weight.dtype, self.weight.device)
-        if not self.fuses(x):
+        xc, cast = autocast_input(x)
+        check_input(self, xc, self.in_channels, self.weight.dtype, self.weight.device, autocast=cast)
+        if not self.fuses(xc):
             return super().forward(x)
-        return self._fused_forward(x)
+        # Under autocast the fold is made in the autocast dtype (cached like any other dtype), as eager
+        # casts the weight; the bias stays fp32 and the kernel accumulates in fp32 as always.
+        return self._fused_forward(xc)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         folded = self._fold_for(self._fold, self, self._bn, x.dtype)
@@ -416,15 +429,20 @@ class _FusedBlock(_FoldedMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv1 = self.conv1
-        check_input(self, x, conv1.in_channels, conv1.weight.dtype, conv1.weight.device)
-        if not self.fuses(x):
+        xc, cast = autocast_input(x)
+        check_input(self, xc, conv1.in_channels, conv1.weight.dtype, conv1.weight.device, autocast=cast)
+        if not self.fuses(xc):
             return self._source_cls.forward(self, x)
-        out = x
+        out = xc
         for conv_name, bn_name in self._convs[:-1]:
             out = self._cba(out, conv_name, bn_name, relu=True)
         last_conv, last_bn = self._convs[-1]
         if not self._dual_shortcut():
-            return self._cba(out, last_conv, last_bn, residual=self._shortcut(x), relu=True)
+            # An identity shortcut adds the block input as eager does, in its own dtype (the kernel
+            # reads any float residual and adds in fp32); a projection runs in the compute dtype.
+            residual = x if self.downsample is None else self._shortcut(xc)
+            return self._cba(out, last_conv, last_bn, residual=residual, relu=True)
+        x = xc
         weight, shortcut_weight, bias = self._tail_fold(x.dtype)
         shortcut_stride = list(self.downsample[0].stride)
         conv_args = _conv_args(getattr(self, last_conv))

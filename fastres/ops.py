@@ -47,7 +47,7 @@ def _torch_path(x: torch.Tensor) -> bool:
 def _conv_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu):
     y = F.conv2d(x.contiguous(memory_format=_CL), weight, bias.to(x.dtype), stride, padding, dilation, groups)
     if residual is not None:
-        y = y + residual
+        y = y.add_(residual)  # in the conv's dtype whatever the residual's, as eager's `out += identity`
     if relu:
         y = torch.relu(y)
     return y.contiguous(memory_format=_CL)
