@@ -7,8 +7,11 @@ Providers (all on channels_last activations, BN statistics randomised):
   compile      ``torch.compile`` (Inductor, freezing on) of the same conv-BN-ReLU(-add) module
 
 Before timing, every provider's output is compared with an fp32 reference of the unfolded layer
-(same rounded inputs); fastres must be within DESIGN.md's per-layer bound or it is not timed.
-Times: median of ``triton.testing.do_bench``; TFLOP/s and its share of this run's measured bf16 GEMM
+(same rounded inputs) at DESIGN.md's per-layer bound; a wrong one is recorded and not timed, and a
+fastres record also needs its one fused-kernel launch counted. Inductor runs in a second pass over
+the layers, with what the budget leaves. cuDNN picks algorithms by measuring (fixed shapes).
+Times: median of ``triton.testing.do_bench_cudagraph`` (many calls in one CUDA graph: no host
+time); TFLOP/s and its share of this run's measured bf16 GEMM
 peak; compulsory bytes and their share of this run's measured copy bandwidth; the roofline floor.
 
     python -m benchmarks.bench_kernels --models resnet50 --batches 32 --dtypes fp16 --budget 120
@@ -20,6 +23,7 @@ import argparse
 import copy
 import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -34,16 +38,19 @@ from benchmarks.common import (  # noqa: E402
     log,
     measure_peaks,
     parse_list,
+    peer_settings,
     stop_on_sigterm,
     summarize,
     tf32_mode,
-    time_fn,
+    time_kernel,
     torch_dtype,
     write_run,
 )
 from benchmarks.shapes import DEFAULT_MODELS, layer_class, unique_layers  # noqa: E402
 
 PROVIDERS = ("fastres", "eager", "cudnn_fused", "compile")
+# Inductor compiles each layer cold (seconds): none is started with less than this left.
+COMPILE_RESERVE_S = 15
 # DESIGN.md "Numerics", per layer; fp32 here is the GPU's IEEE mode or the interpreter.
 LAYER_TOL = {"fp16": 5e-3, "bf16": 2e-2, "tf32": 2e-3, "fp32": 1e-5}
 
@@ -126,6 +133,13 @@ def provider_fn(provider: str, shape, layer, x, res, dtype_name: str):
     raise ValueError(provider)
 
 
+def _passes(providers) -> list[tuple[str, ...]]:
+    """Providers in passes: everything but Inductor over every layer first, then Inductor (a cold
+    compile per layer, seconds each) with what is left of the budget."""
+    first = tuple(p for p in providers if p != "compile")
+    return [ps for ps in (first, ("compile",) if "compile" in providers else ()) if ps]
+
+
 def run(
     layers,
     batches,
@@ -138,108 +152,122 @@ def run(
     warmup_ms: int = 25,
     rep_ms: int = 100,
     cpu_reps: int = 3,
+    on_case=None,
 ) -> tuple[list[dict], list[dict]]:
-    """Measure every (dtype, batch, layer, provider) while the budget lasts; (records, skipped)."""
+    """Measure every (dtype, batch, layer, provider) while the budget lasts; (records, skipped).
+
+    Every provider's output is checked against the fp32 reference at its per-layer bound before it
+    is timed; a wrong one is recorded and not timed. The fastres record also needs exactly one
+    launch of the fused conv kernel, counted in the same call (``count_launches``). Kernel times
+    come from ``time_kernel`` (CUDA graph replays: no host time). ``on_case(records, skipped)`` is
+    called after each layer (the caller writes the JSON).
+    """
     import torch
 
-    from fastres.testing import rel_err
+    from fastres.testing import count_launches, rel_err
 
     records, skipped = [], []
     peak_tflops, copy_gbps = peaks.get("gemm_tflops_bf16"), peaks.get("copy_gbps")
-    total = len(dtypes) * len(batches) * len(layers)
+    cases = [(d, b, li) for d in dtypes for b in batches for li in layers]
+    passes = _passes(providers)
+    total = len(cases) * len(passes)
     done = 0
+
+    def skip(shape, batch, dtype_name, provider, reason):
+        skipped.append(
+            {"layer": shape.name, "batch": batch, "dtype": dtype_name, "provider": provider, "reason": reason}
+        )
+
     try:
-        for dtype_name in dtypes:
-            for batch in batches:
-                for li in layers:
-                    done += 1
-                    shape = li.shape
-                    tag = f"[{done}/{total}] {dtype_name} b{batch} {shape.name}"
-                    if budget.spent():
-                        skipped.append(
-                            {
-                                "layer": shape.name,
-                                "batch": batch,
-                                "dtype": dtype_name,
-                                "provider": "*",
-                                "reason": "time budget spent",
-                            }
-                        )
-                        continue
-                    layer, x, res, ref = make_case(shape, batch, dtype_name, device)
-                    flops = shape.flops(batch)
-                    nbytes = shape.bytes(batch, dtype_name)
-                    line = []
-                    for provider in providers:
-                        why = skip_reason(provider, dtype_name, device)
-                        if why is None and budget.spent(10.0 if provider == "compile" else 0.0):
-                            why = "time budget spent"
-                        if why:
-                            skipped.append(
-                                {
-                                    "layer": shape.name,
-                                    "batch": batch,
-                                    "dtype": dtype_name,
-                                    "provider": provider,
-                                    "reason": why,
-                                }
-                            )
-                            continue
-                        rec = {
-                            "layer": shape.name,
-                            "class": layer_class(shape),
-                            "count": li.count,
-                            "models": sorted(li.per_model),
-                            "batch": batch,
-                            "dtype": dtype_name,
-                            "provider": provider,
-                            "flops": flops,
-                            "bytes": nbytes["total"],
-                            "layout": "NHWC",
-                        }
-                        try:
-                            with torch.no_grad(), tf32_mode(dtype_name):
-                                fn = provider_fn(provider, shape, layer, x, res, dtype_name)
+        for pass_providers in passes:
+            for dtype_name, batch, li in cases:
+                done += 1
+                shape = li.shape
+                tag = f"[{done}/{total}] {dtype_name} b{batch} {shape.name}"
+                if budget.spent():
+                    skip(shape, batch, dtype_name, ",".join(pass_providers), "time budget spent")
+                    continue
+                whys = {}
+                for provider in pass_providers:
+                    why = skip_reason(provider, dtype_name, device)
+                    if why is None and budget.spent(COMPILE_RESERVE_S if provider == "compile" else 0.0):
+                        why = "time budget spent"
+                    if why:
+                        skip(shape, batch, dtype_name, provider, why)
+                    else:
+                        whys[provider] = None
+                if not whys:
+                    continue
+                layer, x, res, ref = make_case(shape, batch, dtype_name, device)
+                flops = shape.flops(batch)
+                nbytes = shape.bytes(batch, dtype_name)
+                line = []
+                for provider in whys:
+                    rec = {
+                        "layer": shape.name,
+                        "class": layer_class(shape),
+                        "count": li.count,
+                        "models": sorted(li.per_model),
+                        "batch": batch,
+                        "dtype": dtype_name,
+                        "provider": provider,
+                        "flops": flops,
+                        "bytes": nbytes["total"],
+                        "layout": "NHWC",
+                    }
+                    try:
+                        with torch.no_grad(), tf32_mode(dtype_name), peer_settings():
+                            fn = provider_fn(provider, shape, layer, x, res, dtype_name)
+                            with count_launches() as launches:
                                 out = fn()  # first call: compiles (Triton JIT / Inductor) and checks
-                                if device == "cuda":
-                                    torch.cuda.synchronize()
-                                err = rel_err(out.float(), ref)
-                                rec["rel_err"] = err
-                                rec["tol"] = LAYER_TOL[dtype_name]
-                                rec["correct"] = bool(err <= LAYER_TOL[dtype_name])
-                                if provider == "fastres" and not rec["correct"]:
-                                    rec["error"] = (
-                                        f"fastres output off: rel err {err:.3e} > {LAYER_TOL[dtype_name]}"
-                                    )
+                            if device == "cuda":
+                                torch.cuda.synchronize()
+                            err = rel_err(out.float(), ref)
+                            tol = LAYER_TOL[dtype_name]
+                            rec.update(rel_err=err, tol=tol, correct=bool(err <= tol))
+                            if provider == "fastres":
+                                conv = launches.count_of("_conv_bias_act_fwd_kernel")
+                                rec["conv_launches"] = conv
+                                rec["fused"] = conv == 1
+                                if not rec["fused"]:
+                                    rec["correct"] = False
+                                    rec["error"] = f"fused kernel launched {conv} times, not once"
                                     records.append(rec)
-                                    line.append(f"{provider} WRONG({err:.1e})")
+                                    line.append(f"{provider} NOT FUSED({conv})")
                                     continue
-                                times = time_fn(
-                                    fn, device=device, warmup_ms=warmup_ms, rep_ms=rep_ms, cpu_reps=cpu_reps
-                                )
-                        except Exception as e:  # one provider failing must not end the run
-                            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                            records.append(rec)
-                            line.append(f"{provider} ERROR")
-                            continue
-                        rec.update(summarize(times))
-                        sec = rec["median_ms"] * 1e-3
-                        rec["tflops"] = flops / sec / 1e12
-                        rec["gbps"] = nbytes["total"] / sec / 1e9
-                        if peak_tflops:
-                            rec["peak_share"] = rec["tflops"] / peak_tflops
-                        if copy_gbps:
-                            rec["bw_share"] = rec["gbps"] / copy_gbps
-                        if peak_tflops and copy_gbps:
-                            floor = max(flops / (peak_tflops * 1e12), nbytes["total"] / (copy_gbps * 1e9))
-                            rec["floor_ms"] = floor * 1e3
-                            rec["of_floor"] = floor / sec
+                            if not rec["correct"]:
+                                rec["error"] = f"{provider} output off: rel err {err:.3e} > {tol:g}"
+                                records.append(rec)
+                                line.append(f"{provider} WRONG({err:.1e})")
+                                continue
+                            times, rec["timer"] = time_kernel(
+                                fn, device=device, rep_ms=rep_ms, cpu_reps=cpu_reps
+                            )
+                    except Exception as e:  # one provider failing must not end the run
+                        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                         records.append(rec)
-                        line.append(f"{provider} {rec['median_ms']:.3f}ms")
-                    log(f"{tag}: " + ", ".join(line) + f"  [{budget.elapsed():.0f}s]")
-                    del layer, x, res, ref
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
+                        line.append(f"{provider} ERROR")
+                        continue
+                    rec.update(summarize(times))
+                    sec = rec["median_ms"] * 1e-3
+                    rec["tflops"] = flops / sec / 1e12
+                    rec["gbps"] = nbytes["total"] / sec / 1e9
+                    if peak_tflops:
+                        rec["peak_share"] = rec["tflops"] / peak_tflops
+                    if copy_gbps:
+                        rec["bw_share"] = rec["gbps"] / copy_gbps
+                    if peak_tflops and copy_gbps:
+                        floor = max(flops / (peak_tflops * 1e12), nbytes["total"] / (copy_gbps * 1e9))
+                        rec["floor_ms"] = floor * 1e3
+                        rec["of_floor"] = floor / sec
+                    records.append(rec)
+                    line.append(f"{provider} {rec['median_ms']:.3f}ms")
+                log(f"{tag}: " + ", ".join(line) + f"  [{budget.elapsed():.0f}s]")
+                del layer, x, res, ref
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                if on_case is not None:
+                    on_case(records, skipped)
     except Stop as e:  # SIGTERM from gpu_check.sh's hard timeout: keep what was measured
         skipped.append({"provider": "*", "reason": str(e)})
         log(f"{e}: writing what was measured")
@@ -286,6 +314,16 @@ def main(argv=None, *, shapes=None) -> dict:
             f"measured peak: {peaks['gemm_tflops_bf16']:.0f} TFLOP/s bf16 GEMM, "
             f"{peaks['copy_gbps']:.0f} GB/s copy"
         )
+    doc = {"env": env, "args": vars(args), "peaks": peaks, "records": [], "skipped": []}
+    out = args.out
+    if out is not None and not str(out).endswith(".json"):  # one file for the whole run, rewritten
+        out = str(Path(out) / f"kernels-{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+    def write(records, skipped) -> Path:  # after every layer: a killed run still leaves its data
+        doc.update(elapsed_s=round(budget.elapsed(), 1), records=records, skipped=skipped)
+        doc["path"] = str(write_run({k: v for k, v in doc.items() if k != "path"}, out, "kernels"))
+        return Path(doc["path"])
+
     records, skipped = run(
         shapes,
         parse_list(args.batches, conv=int),
@@ -296,18 +334,10 @@ def main(argv=None, *, shapes=None) -> dict:
         peaks=peaks,
         rep_ms=args.rep_ms,
         cpu_reps=args.cpu_reps,
+        on_case=write,
     )
-    doc = {
-        "env": env,
-        "args": vars(args),
-        "peaks": peaks,
-        "elapsed_s": round(budget.elapsed(), 1),
-        "records": records,
-        "skipped": skipped,
-    }
-    path = write_run(doc, args.out, "kernels")
+    path = write(records, skipped)
     log(f"wrote {path} ({len(records)} records, {len(skipped)} skipped, {budget.elapsed():.0f}s)")
-    doc["path"] = str(path)
     return doc
 
 

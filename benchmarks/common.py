@@ -182,8 +182,9 @@ class Budget:
 
 
 def time_fn(fn, *, device: str, warmup_ms: int = 25, rep_ms: int = 100, cpu_reps: int = 3) -> list[float]:
-    """All per-call times in ms. CUDA: ``triton.testing.do_bench`` (L2 flushed between calls);
-    CPU: wall clock over ``cpu_reps`` calls after one warm-up call (the interpreter is slow)."""
+    """All per-call times in ms. CUDA: ``triton.testing.do_bench`` (L2 flushed between calls; host
+    time included, which is the point for whole models); CPU: wall clock over ``cpu_reps`` calls
+    after one warm-up call (the interpreter is slow)."""
     if device == "cuda":
         from triton.testing import do_bench
 
@@ -196,6 +197,44 @@ def time_fn(fn, *, device: str, warmup_ms: int = 25, rep_ms: int = 100, cpu_reps
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def time_kernel(fn, *, device: str, rep_ms: int = 100, cpu_reps: int = 3) -> tuple[list[float], str]:
+    """(per-call ms, timer) for one layer's kernels without host time: ``do_bench_cudagraph`` captures
+    many calls in one CUDA graph and times its replays (triton 3.x, 3.6 and 3.8 alike; run on a side
+    stream, which older versions required). Where a provider cannot be captured the timer falls back
+    to ``do_bench`` and says so. CPU: as ``time_fn``."""
+    if device != "cuda":
+        return time_fn(fn, device=device, cpu_reps=cpu_reps), "cpu-wall"
+    import torch
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            times = do_bench_cudagraph(fn, rep=rep_ms, return_mode="all")
+        torch.cuda.synchronize()
+        return [float(t) for t in times], "do_bench_cudagraph"
+    except Exception:  # noqa: BLE001 - not capturable (a peer that syncs, say): host time included
+        torch.cuda.synchronize()
+        return time_fn(fn, device=device, rep_ms=rep_ms), "do_bench (not capturable)"
+
+
+class peer_settings:
+    """Context for timing peers fairly: shapes are fixed, so cuDNN may pick its algorithms by
+    measuring (``cudnn.benchmark``), as a tuned deployment would."""
+
+    def __enter__(self):
+        import torch
+
+        self._saved = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.backends.cudnn.benchmark = self._saved
+        return False
 
 
 def summarize(times: list[float]) -> dict:

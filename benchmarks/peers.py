@@ -113,6 +113,7 @@ class CudaGraphRunner:
     """
 
     def __init__(self, fn, example: torch.Tensor, warmup: int = 3):
+        self.fn = fn
         self.static_in = example.clone()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())

@@ -65,9 +65,14 @@ def env_md(runs) -> str:
     return "\n".join(lines)
 
 
+def _usable(r) -> bool:
+    """A timed record whose output was checked (and, for fastres, whose fused launches were counted)."""
+    return "median_ms" in r and r.get("correct", True) is not False and r.get("fused", True) is not False
+
+
 def kernel_table(run) -> tuple[str, dict]:
     """Per (dtype, batch): one row per layer with each provider's median and fastres's speedups."""
-    recs = [r for r in run["records"] if "median_ms" in r]
+    recs = [r for r in run["records"] if _usable(r)]
     peaks = run.get("peaks", {})
     providers = [p for p in ("fastres",) + KERNEL_PEERS if any(r["provider"] == p for r in recs)]
     cell = {(r["dtype"], r["batch"], r["layer"], r["provider"]): r for r in recs}
@@ -135,7 +140,7 @@ def kernel_table(run) -> tuple[str, dict]:
 
 
 def model_table(run) -> tuple[str, list]:
-    recs = [r for r in run["records"] if "median_ms" in r]
+    recs = [r for r in run["records"] if _usable(r)]
     cell = {(r["model"], r["dtype"], r["batch"], r["provider"]): r for r in recs}
     providers = [
         p for p in ("fastres", "fastres_graphs") + MODEL_PEERS if any(r["provider"] == p for r in recs)
@@ -191,7 +196,7 @@ def plot_kernels(run, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [r for r in run["records"] if "median_ms" in r]
+    recs = [r for r in run["records"] if _usable(r)]
     fast = {(r["dtype"], r["batch"], r["layer"]): r["median_ms"] for r in recs if r["provider"] == "fastres"}
     combos = sorted({(d, b) for d, b, _ in fast})[:4]
     peers = [p for p in KERNEL_PEERS if any(r["provider"] == p for r in recs)]
@@ -412,10 +417,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default="benchmarks/results/report")
     ap.add_argument("--combine", default=None, help="also write all runs into this one JSON")
     ap.add_argument("--summary", action="store_true", help="print the short summary table last")
+    ap.add_argument("--no-render", action="store_true", help="only --combine (no markdown, no plots)")
     args = ap.parse_args(argv)
     runs = load_runs(args.inputs)
     if args.combine:
         print(f"wrote {combine(runs, Path(args.combine))}")
+    if args.no_render:
+        return 0
     res = render(runs, Path(args.out_dir))
     print(f"wrote {res['markdown']} and {len(res['png'])} PNG(s): {', '.join(p.name for p in res['png'])}")
     if args.summary:

@@ -1,10 +1,11 @@
 """Every benchmark code path at tiny sizes, on the CPU through Triton's interpreter (``make bench-smoke``).
 
 Runs the per-layer suite on three tiny layers (3x3 + residual, a 7x7/s2 stem with C_in = 3, a 1x1/s2
-downsample without ReLU) in fp32 and fp16, the model suite on ResNet-18 at 32x32, batch 1, the
-launch-and-bytes model on ResNet-18, then report.py. Providers that need a GPU (cuDNN fused ops,
-Inductor, CUDA graphs) are skipped with a recorded reason. Checks that each JSON, the markdown and
-every PNG exist and are well formed, and that fastres matched its reference; exits non-zero if not.
+downsample without ReLU) in fp32 and fp16, the model suite on a one-block-per-stage ResNet
+(``resnet_tiny``) at 32x32, batch 1, the launch-and-bytes model on ResNet-18, then report.py.
+Providers that need a GPU (cuDNN fused ops, Inductor, CUDA graphs) are skipped with a recorded
+reason. Checks that each JSON, the markdown and every PNG exist and are well formed, that fastres
+matched its reference at its bound and launched its fused kernels (counted); exits non-zero if not.
 
     python -m benchmarks.smoke --out benchmarks/results/smoke
 """
@@ -67,6 +68,13 @@ def validate(kern: dict, models: dict, roof: dict, rendered: dict, combined: Pat
         problems,
     )
     check(
+        all(r.get("fused") and r.get("conv_launches") == 1 for r in fk),
+        "kernels: each fastres record launched the fused kernel once",
+        problems,
+    )
+    timed = [r for r in kern["records"] + models["records"] if "median_ms" in r]
+    check(all(r.get("correct") for r in timed), "every timed record was checked correct", problems)
+    check(
         any(r["provider"] == "eager" and "median_ms" in r for r in kern["records"]),
         "kernels: eager timed",
         problems,
@@ -94,6 +102,18 @@ def validate(kern: dict, models: dict, roof: dict, rendered: dict, combined: Pat
         problems,
     )
     check(
+        len(fm) == 1
+        and fm[0].get("fused")
+        and fm[0].get("conv_launches", 0) >= fm[0].get("launch_floor", 1e9),
+        "models: the fastres forward launched the fused kernels (counted)",
+        problems,
+    )
+    check(
+        len(fm) == 1 and fm[0].get("tol") == (1e-4 if models["env"]["device"] == "cpu" else 5e-3),
+        "models: fastres fp32 checked at its path's bound (interpreter 1e-4)",
+        problems,
+    )
+    check(
         roof["models"][0]["fastres"]["launches"] < roof["models"][0]["eager"]["launches"],
         "roofline: fastres launches fewer kernels than eager",
         problems,
@@ -102,7 +122,9 @@ def validate(kern: dict, models: dict, roof: dict, rendered: dict, combined: Pat
     for heading in ("## Per-layer kernels", "## Whole models", "## Launch-and-bytes model", "## Summary"):
         check(heading in md, f"markdown lacks {heading!r}", problems)
     check(
-        "| 16x8x8->16 3x3/s1+res |" in md and "| resnet18 | fp32 | 1 |" in md, "markdown table rows", problems
+        "| 16x8x8->16 3x3/s1+res |" in md and "| resnet_tiny | fp32 | 1 |" in md,
+        "markdown table rows",
+        problems,
     )
     names = sorted(p.name for p in rendered["png"])
     check(
@@ -144,7 +166,7 @@ def main(argv=None) -> int:
     models = bench_models.main(
         [
             "--models",
-            "resnet18",
+            "resnet_tiny",
             "--batches",
             "1",
             "--dtypes",

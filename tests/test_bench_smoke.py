@@ -69,3 +69,110 @@ def test_validator_catches_a_broken_png(smoke_out, tmp_path):
     pngs[0].write_bytes(b"not a png")
     problems = smoke.validate(runs[0], runs[1], runs[2], rendered, copy / "combined.json")
     assert any(pngs[0].name in p for p in problems)
+
+
+# --------------------------------------------------------------------------------------------
+# The instrument must not mislead: one deliberate break at a time, each caught (in-process, tiny).
+
+
+def _models_run(providers):
+    sys.path.insert(0, str(REPO))
+    from benchmarks import bench_models
+    from benchmarks.common import Budget
+
+    records, _ = bench_models.run(
+        ["resnet_tiny"], [1], ["fp32"], providers, device="cpu", image=16, budget=Budget(None), cpu_reps=1
+    )
+    return {r["provider"]: r for r in records}
+
+
+def test_models_bench_refuses_an_eager_forward_as_fastres(monkeypatch):
+    """Fused path forced off: the converted model runs eagerly, its output is exact, and it must not
+    be stored as a fastres figure."""
+    import fastres.modules
+
+    monkeypatch.setattr(fastres.modules, "fused_path_ok", lambda *a, **k: False)
+    rec = _models_run(["fastres"])["fastres"]
+    assert rec["rel_err_vs_eager"] < 1e-6  # any output check alone would have passed it
+    assert rec["conv_launches"] == 0 and rec["fused"] is False and rec["correct"] is False
+    assert "median_ms" not in rec and "did not run" in rec["error"]
+
+
+def test_models_bench_checks_fp32_at_the_interpreter_bound(monkeypatch):
+    """A fold with eps × 30 is off by ~5e-4 on a tiny ResNet: inside the old 5e-3 bench tolerance,
+    outside the interpreter's fp32 whole-model bound 1e-4 (DESIGN.md numerics)."""
+    import fastres.fold
+
+    def eps_times_30(bn):
+        return bn.weight, bn.bias, bn.running_mean, bn.running_var + 29 * bn.eps
+
+    monkeypatch.setattr(fastres.fold, "bn_tensors", eps_times_30)
+    rec = _models_run(["fastres"])["fastres"]
+    assert rec["fused"] and rec["tol"] == 1e-4
+    assert 1e-4 < rec["rel_err_vs_eager"] < 5e-3
+    assert rec["correct"] is False and "median_ms" not in rec and "output off" in rec["error"]
+
+
+def test_models_bench_reports_a_wrong_peer_and_does_not_time_it(monkeypatch):
+    from benchmarks import bench_models
+
+    real = bench_models.build
+
+    def build(provider, base, x, master=None, **kw):
+        fn, inp = real(provider, base, x, master, **kw)
+        return ((lambda t: fn(t) * 1.01), inp) if provider == "eager_cl" else (fn, inp)
+
+    monkeypatch.setattr(bench_models, "build", build)
+    recs = _models_run(["eager_cl", "eager"])
+    assert recs["eager_cl"]["correct"] is False and "median_ms" not in recs["eager_cl"]
+    assert "output off" in recs["eager_cl"]["error"]
+    assert recs["eager"]["correct"] and recs["eager"]["median_ms"] > 0
+
+
+def test_kernels_bench_refuses_a_fastres_figure_without_its_kernel(monkeypatch):
+    """The launcher swapped for an eager conv with the right numbers: no launch counted, no figure."""
+    import torch.nn.functional as F
+
+    import fastres.kernels.conv as conv
+
+    sys.path.insert(0, str(REPO))
+    from benchmarks import bench_kernels, smoke
+    from benchmarks.common import Budget
+
+    def eager(x, w, b, *, residual=None, stride=1, padding=0, dilation=1, groups=1, relu=True, **_):
+        y = F.conv2d(x.float(), w.float(), b, stride, padding, dilation, groups)
+        y = y if residual is None else y + residual.float()
+        return (y.relu() if relu else y).to(x.dtype)
+
+    monkeypatch.setattr(conv, "conv_bias_act", eager)
+    records, _ = bench_kernels.run(
+        smoke.tiny_layers()[:1], [2], ["fp32"], ["fastres"], budget=Budget(None), device="cpu", peaks={}
+    )
+    (rec,) = records
+    assert rec["rel_err"] <= 1e-5 and rec["conv_launches"] == 0
+    assert rec["fused"] is False and rec["correct"] is False and "median_ms" not in rec
+
+
+def test_gpu_check_dry_run_plans_within_ten_minutes(tmp_path):
+    """The plan: every step under `timeout -k` (a process stuck in CUDA still ends), the GPU tests
+    selected as `gpu or cuda_ok` with durations, and the worst case (every step at its hard
+    timeout plus the kill grace) under the 600 s the GPU machine allows."""
+    import re
+
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path), "--dry-run"],
+        cwd=REPO,
+        env=dict(os.environ, PYTHON=sys.executable),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "imports OK" in out and "dry run done" in out
+    worst = int(re.search(r"plan: worst case (\d+) s", out).group(1))
+    assert 0 < worst <= 600
+    launches = [ln for ln in out.splitlines() if ln.startswith("+ timeout")]
+    assert len(launches) == 5 and all(ln.startswith("+ timeout -k ") for ln in launches)
+    assert "-m gpu or cuda_ok" in launches[0] and "--durations=15" in launches[0]
+    assert (tmp_path / "gpu_check.log").exists() and len(list(tmp_path.iterdir())) <= 8

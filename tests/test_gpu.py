@@ -10,7 +10,7 @@ import torchvision
 import fastres
 from fastres.fold import fold_conv_bn
 from fastres.kernels.conv import ConvConfig, conv_bias_act, pick_config
-from fastres.testing import assert_close, randomize_bn
+from fastres.testing import assert_close, count_launches, randomize_bn
 
 from test_kernels import SHAPES, make_conv_bn, reference
 
@@ -55,11 +55,29 @@ def _run_layer(shape, dtype, precision, residual, config=None):
     return y, ref
 
 
-# Every shape class in each fast mode, with the residual epilogue (the interpreter tests cover the
-# epilogue variants); exact fp32 on three shapes. Each case is a compile: the GPU check has minutes.
-LAYER_CASES = [(shape, *mode) for shape in SHAPES for mode in GPU_NUMERICS if mode[1] != "ieee"] + [
-    (shape, *mode) for shape in SHAPES[1:4] for mode in GPU_NUMERICS if mode[1] == "ieee"
-]
+def elementwise(ref: torch.Tensor, rel: float) -> dict:
+    """The per-element half of a check at norm bound ``rel``: |out - ref| <= 4·rel·rms(ref) + 2·rel·|ref|.
+    The norm bound holds the RMS error to rel·rms(ref), so a single element 4x past it (or 2·rel
+    relative) is an outlier no rounding explains; a fixed atol of 10-50x the bound (1.5 for bf16 in a
+    whole model) caught nothing."""
+    rms = float(ref.double().pow(2).mean().sqrt())
+    return dict(rel=rel, atol=4 * rel * rms, rtol=2 * rel)
+
+
+# One compile per case, and the GPU check has minutes: every layer class (tests/test_kernels.SHAPES)
+# in fp16, the dtype the benchmarks lead with; bf16 and tf32 on one representative of each K-loop
+# kind (flattened-K stem, per-tap 3×3 stride 2, strided 1×1 projection); exact fp32 on a 3×3 and a 1×1.
+_BY_NAME = {s[0]: s for s in SHAPES}
+_MODE = {(m[0], m[1]): m for m in GPU_NUMERICS}
+LAYER_CASES = (
+    [(s, *_MODE[(torch.float16, "tf32")]) for s in SHAPES]
+    + [
+        (_BY_NAME[n], *_MODE[mode])
+        for mode in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"))
+        for n in ("stem7x7s2", "3x3s2", "1x1s2_proj")
+    ]
+    + [(_BY_NAME[n], *_MODE[(torch.float32, "ieee")]) for n in ("3x3s1", "1x1s1")]
+)
 
 
 @pytest.mark.parametrize(
@@ -69,17 +87,14 @@ LAYER_CASES = [(shape, *mode) for shape in SHAPES for mode in GPU_NUMERICS if mo
 )
 def test_layer_numerics_on_gpu(shape, dtype, precision, layer_rel, _model_rel):
     y, ref = _run_layer(shape, dtype, precision, True)
-    assert_close(y, ref, rel=layer_rel, atol=10 * layer_rel, rtol=10 * layer_rel, what=f"{shape[0]} {dtype}")
+    assert_close(y, ref, **elementwise(ref, layer_rel), what=f"{shape[0]} {dtype} {precision}")
 
 
-# The real ResNet-50 layer shapes at batch 2 (56×56 down to 7×7), for the compiled configs.
+# Real ResNet-50 layer shapes at batch 2, one per K-loop kind (the flattened-K stem, a per-tap 3×3,
+# a strided 1×1 projection), for the compiled configs at every num_warps the tables may choose.
 RESNET50_LAYERS = [
     ("r50_stem", 2, 3, 224, 224, 64, 7, 2, 3, 1, 1),
-    ("r50_l1_1x1", 2, 64, 56, 56, 256, 1, 1, 0, 1, 1),
     ("r50_l1_3x3", 2, 64, 56, 56, 64, 3, 1, 1, 1, 1),
-    ("r50_l2_3x3s2", 2, 128, 56, 56, 128, 3, 2, 1, 1, 1),
-    ("r50_l3_1x1", 2, 1024, 14, 14, 256, 1, 1, 0, 1, 1),
-    ("r50_l4_3x3", 2, 512, 7, 7, 512, 3, 1, 1, 1, 1),
     ("r50_proj_s2", 2, 1024, 14, 14, 2048, 1, 2, 0, 1, 1),
 ]
 
@@ -95,12 +110,24 @@ def test_num_warps_sweep_matches_reference(shape, num_warps):
         base.block_m, base.block_n, base.block_k, num_warps=num_warps, num_stages=base.num_stages
     )
     y, ref = _run_layer(shape, torch.float16, "tf32", True, config=cfg)
-    assert_close(y, ref, rel=5e-3, atol=5e-2, rtol=5e-2, what=f"{shape[0]} warps={num_warps}")
+    assert_close(y, ref, **elementwise(ref, 5e-3), what=f"{shape[0]} warps={num_warps}")
 
 
-@pytest.mark.parametrize("dtype, precision, _layer_rel, model_rel", GPU_NUMERICS)
-@pytest.mark.parametrize("arch", ["resnet50"])
-def test_whole_model_on_gpu(arch, dtype, precision, _layer_rel, model_rel, monkeypatch):
+# Whole models: ResNet-50 in fp16 (the benchmarks' first plan: its kernels are then in the Triton
+# cache), ResNet-18 for the other modes (fewer distinct convs: fewer compiles). The conv launches
+# are counted: every conv fused, projection shortcuts riding in their block's tail (dual GEMM).
+WHOLE_MODEL_CASES = [("resnet50", *_MODE[(torch.float16, "tf32")], 53 - 4)] + [
+    ("resnet18", *_MODE[mode], 20 - 3)
+    for mode in ((torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee"))
+]
+
+
+@pytest.mark.parametrize(
+    "arch, dtype, precision, _layer_rel, model_rel, conv_launches",
+    WHOLE_MODEL_CASES,
+    ids=[f"{c[0]}-{str(c[1])[6:]}-{c[2]}" for c in WHOLE_MODEL_CASES],
+)
+def test_whole_model_on_gpu(arch, dtype, precision, _layer_rel, model_rel, conv_launches, monkeypatch):
     monkeypatch.setenv("FASTRES_FP32_PRECISION", precision)
     torch.manual_seed(0)
     model = randomize_bn(getattr(torchvision.models, arch)()).eval().cuda()
@@ -109,12 +136,11 @@ def test_whole_model_on_gpu(arch, dtype, precision, _layer_rel, model_rel, monke
         ref = model.double()(x.double())
     model.to(dtype)
     fast = fastres.convert(model)
-    with torch.inference_mode():
+    with torch.inference_mode(), count_launches() as launches:
         y = fast(x.to(dtype))
     assert y.dtype == dtype
-    assert_close(
-        y, ref, rel=model_rel, atol=50 * model_rel, rtol=50 * model_rel, what=f"{arch} {dtype} {precision}"
-    )
+    assert launches.count_of("_conv_bias_act_fwd_kernel") == conv_launches, launches
+    assert_close(y, ref, **elementwise(ref, model_rel), what=f"{arch} {dtype} {precision}")
 
 
 @pytest.mark.parametrize("dtype, rel", [(torch.float16, 5e-3), (torch.bfloat16, 2e-2)])
@@ -136,4 +162,4 @@ def test_dual_gemm_tail_on_gpu(dtype, rel):
         shortcut_weight=sc.weight,
         shortcut_stride=2,
     )
-    assert_close(out, ref, rel=rel, atol=10 * rel, rtol=10 * rel, what=f"dual GEMM {dtype}")
+    assert_close(out, ref, **elementwise(ref, rel), what=f"dual GEMM {dtype}")
