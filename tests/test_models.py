@@ -1,4 +1,10 @@
-"""Whole torchvision ResNets, converted, against eager; and what a converted forward launches."""
+"""Whole torchvision ResNets, converted, against eager; and what a converted forward launches.
+
+``cuda_ok``: on the CPU these run in Triton's interpreter; ``gpu_check.sh`` runs them on the GPU too,
+at the bounds of the path that ran (the ``tol`` fixture, DESIGN.md's numerics table). Small inputs and
+the same layer shapes across models keep the GPU's compile count low (resnet34/101/152 reuse the kernels
+that resnet18/50 compiled).
+"""
 
 import pytest
 import torch
@@ -6,9 +12,7 @@ import torchvision
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastres
-from fastres.kernels import conv as conv_kernels
-from fastres.kernels import pool as pool_kernels
-from fastres.testing import assert_close, randomize_bn
+from fastres.testing import assert_close, count_launches, randomize_bn
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
@@ -18,28 +22,40 @@ def build(arch: str, seed: int = 0):
     return randomize_bn(getattr(torchvision.models, arch)(num_classes=64), seed).eval()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_converted_resnet_matches_eager_fp32(arch, device):
+# On the GPU (cuda_ok) only the archs whose tf32 error was measured within the bounds, with the GPU's
+# tf32 rounding emulated in the interpreter: resnet18 (norm 9.7e-4) and resnet50 (1.3e-3). resnet152's
+# logits reach 4e7 with randomised BN and five of them miss the per-element check there.
+GPU_ARCHS = ("resnet18", "resnet50")
+
+
+@pytest.mark.parametrize(
+    "arch", [pytest.param(a, marks=pytest.mark.cuda_ok) if a in GPU_ARCHS else a for a in ARCHS]
+)
+def test_converted_resnet_matches_eager_fp32(arch, device, tol):
     model = build(arch).to(device)
     fast = fastres.convert(model)
     x = torch.randn(2, 3, 32, 32, device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), count_launches() as launches:
         y = fast(x)
     with torch.no_grad():
         ref = model.double()(x.double())
+    assert launches, "no fused kernel ran"
     assert y.dtype == torch.float32 and y.shape == ref.shape
-    assert_close(y, ref, rel=1e-4, atol=1e-4, rtol=1e-3, what=arch)
+    assert_close(y, ref, **tol(torch.float32), what=f"{arch} on {device}")
 
 
-def test_converted_resnet_fp16(device):
+@pytest.mark.cuda_ok
+def test_converted_resnet_fp16(device, tol):
     model = build("resnet18").to(device)
     fast = fastres.convert(model).half()
     x = torch.randn(2, 3, 32, 32, device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), count_launches() as launches:
         y = fast(x.half())
+    with torch.no_grad():
         ref = model.double()(x.double())
+    assert launches, "no fused kernel ran"
     assert y.dtype == torch.float16
-    assert_close(y, ref, rel=1e-2, atol=5e-2, rtol=5e-2, what="resnet18 fp16")
+    assert_close(y, ref, **tol(torch.float16), what=f"resnet18 fp16 on {device}")
 
 
 class _OpLog(TorchDispatchMode):
@@ -52,33 +68,14 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_resnet50_launches_only_fused_kernels(monkeypatch, device):
+@pytest.mark.cuda_ok
+def test_resnet50_launches_only_fused_kernels(device):
     """In eval, no eager conv, batch norm, ReLU or add remains, and at most 56 Triton launches."""
-    launches = []
-
-    def counting(kernel):
-        from fastres.kernels._common import launchable
-
-        inner = launchable(kernel)
-
-        class _Counted:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    launches.append(getattr(kernel, "__name__", str(kernel)))
-                    return inner[grid](*args, **kwargs)
-
-                return launch
-
-        return _Counted()
-
-    monkeypatch.setattr(conv_kernels, "launchable", counting)
-    monkeypatch.setattr(pool_kernels, "launchable", counting)
     fast = fastres.convert(build("resnet50").to(device))
     x = torch.randn(1, 3, 32, 32, device=device)
     with torch.inference_mode():
         fast(x)  # the first forward folds (that is eager arithmetic on the weights, once)
-    launches.clear()
-    with torch.inference_mode(), _OpLog() as log:
+    with torch.inference_mode(), _OpLog() as log, count_launches() as launches:
         fast(x)
     forbidden = {
         "aten.convolution",

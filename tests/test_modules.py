@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import fastres
-from fastres.testing import assert_close, randomize_bn
+from fastres.testing import assert_close, count_launches, randomize_bn
 
 FP32 = dict(rel=1e-4, atol=1e-4, rtol=1e-3)
 
@@ -258,15 +258,23 @@ def test_eval_with_gradients_falls_back_to_the_exact_path():
 
 
 def test_no_grad_and_inference_mode_use_the_fused_path():
-    fast = fastres.convert(tiny_resnet())
+    model = tiny_resnet()
+    fast = fastres.convert(model)
     x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        y1 = fast(x)
-    with torch.inference_mode():
-        y2 = fast(x)
-    assert y1.is_contiguous(memory_format=torch.channels_last) or y1.dim() == 2
-    torch.testing.assert_close(y1, y2)
-    assert fast.conv1._fold.folds >= 1 and fast.layer1[0]._folds["conv1"].folds >= 1
+    # The fused kernels of ResNet(BasicBlock, [1, 1, 1, 1]): stem conv + max-pool, two convs per block
+    # (the projection shortcuts run inside the block tails), the global average pool.
+    fused = 1 + 1 + 2 * 4 + 1
+    outputs = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode(), count_launches() as launches:
+            outputs.append(fast(x))
+        assert len(launches) == fused, f"{mode.__name__}: {list(launches)}"
+    with torch.enable_grad(), count_launches() as launches:
+        fast.requires_grad_(False)(x)  # frozen parameters: fused with grad mode on, too
+    assert len(launches) == fused
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    assert_close(outputs[0], eager64(model, x), **FP32, what="no_grad")
+    assert fast.conv1._fold.folds == 1 and fast.layer1[0]._folds["conv1"].folds == 1
 
 
 # ---------------------------------------------------------------------------- copies, save, repr

@@ -309,6 +309,40 @@ def test_tune_session_retunes_every_shape_and_records_it(tmp_path, monkeypatch, 
     assert _select()[0] == CACHE_CFG  # outside the session the lookup order is back
 
 
+def tiny_resnet_keys(batch, size, dtype=FP16):
+    """The table keys of ResNet(BasicBlock, [1, 1, 1, 1]) at ``size``x``size``: 12 convs, 8 keys. The stem;
+    layer1's two convs (one shape); in layers 2-4 conv1 (stride 2) and conv2, whose key carries the
+    projection shortcut (-sc<C_in>): the shortcut conv runs inside conv2's kernel as a second K range
+    (dual GEMM), so it has no launch, and no key, of its own."""
+
+    def k(c_in, c_out, r, stride, pad, hw, sc=None):
+        m = batch * hw * hw
+        return tuning.shape_key(c_in, c_out, r, r, (stride,) * 2, (pad,) * 2, (1, 1), 1, m, dtype, sc)
+
+    hw = size // 4  # after the stem's stride 2 and the max-pool's
+    keys = {k(3, 64, 7, 2, 3, size // 2), k(64, 64, 3, 1, 1, hw)}
+    for c in (64, 128, 256):
+        hw //= 2
+        keys |= {k(c, 2 * c, 3, 2, 1, hw), k(2 * c, 2 * c, 3, 1, 1, hw, sc=c)}
+    return sorted(keys)
+
+
+def test_tune_session_records_one_key_per_launched_shape(monkeypatch, as_gpu):
+    """What tune_model writes, on the CPU: the launches of a converted tiny ResNet (interpreted, configs
+    looked up as on an sm_90 GPU, the timing faked) give the 8 keys of ``tiny_resnet_keys``."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    import fastres
+
+    monkeypatch.setattr(tuning, "_can_benchmark", lambda x: True)
+    fake = FakeBench()
+    monkeypatch.setattr(tuning, "benchmark", fake)
+    fast = fastres.convert(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval().half())
+    with torch.inference_mode(), tuning.tune_session() as session:
+        fast(torch.randn(2, 3, 32, 32, dtype=FP16))
+    assert sorted(session) == tiny_resnet_keys(2, 32) and len(session) == len(fake.calls) == 8
+
+
 def test_tune_model_needs_a_gpu():
     from fastres.tuning import tune_model
 
@@ -386,8 +420,7 @@ def test_tune_model_writes_a_table_that_the_lookup_uses(tmp_path, monkeypatch):
     assert path == tmp_path / "cfg" / f"{arch}.json"
     data = json.loads(path.read_text())
     table = tuning.read_table(path, strict=True)
-    # 12 convs: stem, layer1's two (one shape), conv1 + conv2 + projection in layers 2-4
-    assert len(table) == 11 and data["tuned_on"]["gpu"]
+    assert sorted(table) == tiny_resnet_keys(2, 32) and len(table) == 8 and data["tuned_on"]["gpu"]
     assert all(v["ms"] > 0 for v in data["configs"].values())
     monkeypatch.setenv("FASTRES_CONFIG_DIR", str(tmp_path / "cfg"))
     tuning.clear_cache()
