@@ -55,8 +55,9 @@ class _WeightWatch:
     with C-level loops (``map`` over the dicts and tensors) instead of a ``parameters()`` walk: a module,
     parameter or buffer replaced anywhere in the tree, an in-place write (``load_state_dict``,
     ``mul_``, optimizer steps) or a move (``.to()``, ``param.data = ...``) makes it False. Measured on
-    the CPU for a converted ResNet-50 (320 tensors): ~890 µs per check for the walk it replaces,
-    ~45 µs for this. Not seen, as before: writes through ``param.data`` (a version counter of its own)
+    a loaded 2-core CPU host for a converted ResNet-50 (320 tensors), best of 5 x 2000: the walk it
+    replaces 545-890 µs per check, this 130-220 µs (three runs each). Not seen, as before: writes
+    through ``param.data`` (a version counter of its own)
     and in-place writes to inference tensors (none at all).
     """
 
@@ -93,7 +94,7 @@ class CUDAGraphModule(nn.Module):
       ``clone_output=False`` it returns the static output itself: no copy, but the next call with the
       same input shape overwrites it.
     * Weights: before each replay the parameters, buffers and submodules, their versions and addresses
-      are compared to those at capture (``check_weights``; ~45 µs for a ResNet-50 on the CPU host,
+      are compared to those at capture (``check_weights``; a few µs per ten tensors on the host,
       see ``_WeightWatch``); a change (``load_state_dict``, an optimizer step, ``.to()``, a module or
       parameter replaced) drops every graph, and the next call refolds and captures again. Writes
       through ``param.data`` are not seen: call ``reset()`` after them (and ``fastres.refold`` for the
