@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.fx
 from torch import nn
 
 from fastres import ops
@@ -47,7 +48,7 @@ def _device_ok(x: torch.Tensor) -> bool:
 
 def fused_path_ok(x: torch.Tensor, params, *, training: bool) -> bool:
     """True when the fused kernels compute what the original module would, and no autograd is needed."""
-    if training or not _device_ok(x):
+    if training or not isinstance(x, torch.Tensor) or not _device_ok(x):
         return False
     if _exporting():
         return True  # an exported eval model is an inference graph: fused ops, no autograd
@@ -84,6 +85,13 @@ def autocast_input(x):
         dtype = torch.get_autocast_dtype(x.device.type)
         return (x if x.dtype == dtype else x.to(dtype)), True
     return x, False
+
+
+def _fx_leaf(module: nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
+    """Under ``torch.fx.symbolic_trace`` a fastres module is a leaf: the graph calls the module itself,
+    which decides at run time (fused kernels, or the original computation) as it does untraced."""
+    tracer = x.tracer
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), (x,), {})
 
 
 def _name(module: nn.Module) -> str:
@@ -126,6 +134,10 @@ class _FoldedMixin:
     """Folds through a ``FoldCache`` keyed on every tensor read, the compute dtype and the BN eps."""
 
     def _fold_for(self, cache: FoldCache, conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype):
+        if torch.jit.is_tracing():
+            # torch.jit.trace records the fold from the parameters on every call, so each trace is the
+            # same graph (a cache hit would record constants) and the traced model follows later edits.
+            return fold_conv_bn(conv, bn, dtype)
         extra = (dtype, None if bn is None else float(bn.eps))
         return cache.get(conv_bn_tensors(conv, bn), extra, lambda: fold_conv_bn(conv, bn, dtype))
 
@@ -203,6 +215,8 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         return fused_path_ok(x, self._group_params(), training=training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x)
         # 4-D only: the BatchNorm2d folded in here rejects unbatched input in eager too.
         xc, cast = autocast_input(x)
         check_input(self, xc, self.in_channels, self.weight.dtype, self.weight.device, autocast=cast)
@@ -235,6 +249,8 @@ class _PassThroughWhenFused:
         return new
 
     def forward(self, x):
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x)
         if self._owner.fuses(x):
             return x
         return super().forward(x)
@@ -329,6 +345,8 @@ class FusedHead(nn.AdaptiveAvgPool2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x)
         if (
             x.dim() == 4
             and _pair(self.output_size) == [1, 1]
@@ -411,6 +429,8 @@ class _FusedBlock(_FoldedMixin, nn.Module):
             main, short = fold_conv_bn(conv, bn, dtype), fold_conv_bn(ds_conv, ds_bn, dtype)
             return main.weight, short.weight, main.bias + short.bias
 
+        if torch.jit.is_tracing():
+            return make()  # as in _fold_for
         tensors = conv_bn_tensors(conv, bn) + conv_bn_tensors(ds_conv, ds_bn)
         return self._cache("tail").get(tensors, (dtype, float(bn.eps), float(ds_bn.eps)), make)
 
@@ -428,6 +448,8 @@ class _FusedBlock(_FoldedMixin, nn.Module):
         return fused_path_ok(x, self.parameters(), training=training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x)
         conv1 = self.conv1
         xc, cast = autocast_input(x)
         check_input(self, xc, conv1.in_channels, conv1.weight.dtype, conv1.weight.device, autocast=cast)
