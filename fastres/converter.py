@@ -101,6 +101,12 @@ class Report:
         }
 
 
+def _original(module: nn.Module) -> str:
+    """The type a fastres module replaced, for the report of an already converted model."""
+    source = module.__dict__.get("_source_cls")
+    return source.__name__ if source is not None else type(module).__name__
+
+
 def _parts(conv: FusedConvBNAct2d) -> str:
     return "+".join(["conv", "bn"] + (["relu"] if conv.folded_act is not None else []))
 
@@ -128,6 +134,8 @@ class _Walker:
         self.apply = apply
         self.report = Report()
         self.excluded: set[str] = set()  # paths filter_fn excluded with their whole subtree
+        # report() only: paths a pattern would replace, so the fx pass does not record them again
+        self.planned: set[str] = set()
 
     def allowed(self, module: nn.Module, path: str) -> bool:
         return self.filter_fn is None or bool(self.filter_fn(module, path))
@@ -140,6 +148,7 @@ class _Walker:
                 type(module).__name__,
                 "already fused",
                 convs=len(module._convs) + int(module._downsample_fusable()),
+                original=_original(module),
             )
             return
         if BasicBlock is not None and type(module) in (BasicBlock, Bottleneck):
@@ -151,11 +160,18 @@ class _Walker:
         for name, child in module.named_children():
             if name in recorded or isinstance(child, (_PassThroughWhenFused, FusedHead)):
                 continue  # recorded by the pattern that made them
+            if _join(path, name) in self.planned:
+                continue  # report(): recorded by the pattern that would make it
             if isinstance(child, FusedConvBNAct2d):
                 child_path = _join(path, name)
                 if child_path not in self.report.by_path:
                     self.report.add(
-                        child_path, child, type(child).__name__, f"{_parts(child)}, already fused", 1
+                        child_path,
+                        child,
+                        type(child).__name__,
+                        f"{_parts(child)}, already fused",
+                        1,
+                        original=_original(child),
                     )
                 continue
             if type(child) is nn.Conv2d:
@@ -179,8 +195,8 @@ class _Walker:
             self.report.add(path, block, "left", reason)
             return False
         if not self.apply:
-            self.unapplied(path, block)
-            return False
+            self.unapplied(path, block, cls.__name__)
+            return True  # the block's entry speaks for everything inside it
         new = cls.from_module(block)
         new._fastres_name = path
         ds = (
@@ -201,7 +217,9 @@ class _Walker:
     def resnet(self, model: nn.Module, path: str) -> None:
         stem = model.conv1
         if isinstance(stem, FusedStem):
-            self.report.add(_join(path, "conv1"), stem, "FusedStem", "already fused", convs=1)
+            self.report.add(
+                _join(path, "conv1"), stem, "FusedStem", "already fused", convs=1, original=_original(stem)
+            )
         else:
             reason = conv_fold_reason(stem) or bn_fold_reason(model.bn1)
             if reason is None and type(model.relu) is not nn.ReLU:
@@ -211,7 +229,7 @@ class _Walker:
             if reason:
                 self.report.add(_join(path, "conv1"), stem, "left", reason)
             elif not self.apply:
-                self.unapplied(_join(path, "conv1"), stem)
+                self.unapplied(_join(path, "conv1"), stem, "FusedStem")
             else:
                 pool = model.maxpool if pool_fuse_reason(model.maxpool) is None else None
                 new = FusedStem.from_modules(stem, model.bn1, model.relu, pool)
@@ -225,10 +243,12 @@ class _Walker:
                     model.maxpool = new._pool
         head = model.avgpool
         if isinstance(head, FusedHead):
-            self.report.add(_join(path, "avgpool"), head, "FusedHead", "already fused")
+            self.report.add(
+                _join(path, "avgpool"), head, "FusedHead", "already fused", original=_original(head)
+            )
         elif type(head) is nn.AdaptiveAvgPool2d and self.allowed(head, _join(path, "avgpool")):
             if not self.apply:
-                self.unapplied(_join(path, "avgpool"), head)
+                self.unapplied(_join(path, "avgpool"), head, "FusedHead")
             else:
                 self.report.add(
                     _join(path, "avgpool"), head, "FusedHead", "global-avg-pool kernel; fc stays Linear"
@@ -245,7 +265,12 @@ class _Walker:
             conv = seq._modules[names[i]]
             if isinstance(conv, FusedConvBNAct2d):
                 self.report.add(
-                    _join(path, names[i]), conv, type(conv).__name__, f"{_parts(conv)}, already fused", 1
+                    _join(path, names[i]),
+                    conv,
+                    type(conv).__name__,
+                    f"{_parts(conv)}, already fused",
+                    1,
+                    original=_original(conv),
                 )
                 i += 1
                 continue
@@ -266,7 +291,7 @@ class _Walker:
                 continue
             recorded.add(names[i])
             if not self.apply:
-                self.unapplied(_join(path, names[i]), conv)
+                self.unapplied(_join(path, names[i]), conv, "FusedConvBNAct2d")
                 i += 1
                 continue
             act = seq._modules[names[i + 2]] if i + 2 < len(names) else None
@@ -285,8 +310,9 @@ class _Walker:
             i += 3 if act is not None else 2
         return recorded
 
-    def unapplied(self, path: str, module: nn.Module) -> None:
-        self.report.add(path, module, "left", "fusable, not converted (filtered out, or convert not run)")
+    def unapplied(self, path: str, module: nn.Module, would: str) -> None:
+        self.planned.add(path)
+        self.report.add(path, module, "left", f"fusable: convert() makes it {would}")
 
     def replace(self, path: str, new: nn.Module) -> None:
         parent_path, _, name = path.rpartition(".")
@@ -397,6 +423,8 @@ def _fx_pass(walker: _Walker, module: nn.Module, path: str, shared: set[int]) ->
         full = _join(path, conv_path)
         if any(full.startswith(p + ".") for p in walker.excluded):
             continue
+        if full in walker.planned or any(full.startswith(p + ".") for p in walker.planned):
+            continue  # report(): a block or stem pattern already says what convert makes of it
         if any(id(m) in shared for m in (conv, bn, act) if m is not None):
             walker.report.add(full, conv, "left", "module is used at more than one place in the model")
             continue
@@ -407,7 +435,7 @@ def _fx_pass(walker: _Walker, module: nn.Module, path: str, shared: set[int]) ->
             walker.report.add(full, conv, "left", reason)
             continue
         if not walker.apply:
-            walker.unapplied(full, conv)
+            walker.unapplied(full, conv, "FusedConvBNAct2d")
             continue
         new = FusedConvBNAct2d.from_modules(conv, bn, act)
         new._fastres_name = full

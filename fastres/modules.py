@@ -195,6 +195,7 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         new.__dict__["_bn"] = FoldedBatchNorm2d.wrap(bn, new) if bn is not None else None
         new.__dict__["_act"] = FoldedReLU.wrap(act, new) if act is not None else None
         new.__dict__["_fold"] = FoldCache()
+        new.__dict__["_source_cls"] = type(conv)  # what report() names as the original
         return new
 
     @property
@@ -342,6 +343,7 @@ class FusedHead(nn.AdaptiveAvgPool2d):
     def from_module(cls, pool: nn.AdaptiveAvgPool2d) -> FusedHead:
         new = cls(pool.output_size)
         new.train(pool.training)
+        new.__dict__["_source_cls"] = type(pool)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
