@@ -9,9 +9,12 @@ shared memory, an occupancy estimate and the tensor-core instructions of the mai
 (sm_90: ``wgmma.mma_async`` / HGMMA; sm_80: ``mma.sync`` / HMMA), and flags spills, missing
 tensor-core use and over-sized shared memory.
 
-    python -m benchmarks.kernel_report                       # ResNet-50, batch 32, fp16, sm_90 + sm_80
+    python -m benchmarks.kernel_report                       # ResNet-50, batch 1, 2, 32, fp16, sm_90 + sm_80
     python -m benchmarks.kernel_report --archs 90 --out benchmarks/results
 
+Batches 1 and 2 are in the default set: below M = 128 the heuristic picks other tiles (and, before
+issue 9, 4 warps for a 128-row tile, which spilled). The batch size itself is not specialised
+(``do_not_specialize``), so batches that get the same config share one compile.
 Compiles are cached per distinct specialisation (in-process, and in Triton's on-disk cache).
 Under TRITON_INTERPRET=1 ``@triton.jit`` yields interpreter objects that cannot be compiled, so the
 report re-runs itself in a subprocess with TRITON_INTERPRET unset.
@@ -114,8 +117,8 @@ def launch_args(shape, batch: int, dtype, shortcut=None):
     m = n * p * q
     cfg = conv.pick_config(m, c_out_g, c_in_g, r, s, dtype, interpret=False)
     t = MockTensor(dtype)
-    # Runtime arguments by name, so a reordered signature still lines up (res = out when no residual,
-    # as the launcher does; same strides either way).
+    # Runtime arguments by name, so a reordered signature still lines up (without a residual the launcher
+    # passes a dummy of out's dtype with out's strides: the same specialisation either way).
     values = dict(
         x_ptr=t,
         w_ptr=t,
@@ -160,6 +163,8 @@ def launch_args(shape, batch: int, dtype, shortcut=None):
         RELU=shape.relu,
         FLAT_K=c_in_g < conv.FLAT_K_MAX_CIN,
         DOT_PRECISION="tf32",
+        # fp32 on CUDA rounds its outputs to tf32 (the launcher's TF32_ROUND_DEVICE_TYPES)
+        ROUND_TF32=dtype == torch.float32,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -235,12 +240,27 @@ def _sass_counts(cubin: bytes) -> dict:
         out = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True)
     sass = out.stdout
     return {
+        "sass_instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M)),
         "sass_hgmma": len(re.findall(r"\bHGMMA\.", sass)),
         "sass_hmma": len(re.findall(r"\bHMMA\.", sass)),
         "sass_stl": len(re.findall(r"\bSTL\b", sass)),
         "sass_ldl": len(re.findall(r"\bLDL\b", sass)),
         "sass_ok": out.returncode == 0 and bool(sass.strip()),
     }
+
+
+def global_load_widths(ptx: str) -> dict:
+    """Global loads by width in bytes ({"16": 12, "4": 3}): plain ``ld.global`` (vector count × element
+    bits) and asynchronous ``cp.async`` copies. Wider is better; a lost divisibility hint shows here."""
+    widths: dict[str, int] = {}
+    for vec, bits in re.findall(r"\bld\.global(?:\.[a-zA-Z0-9:_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b", ptx):
+        key = str(int(vec or 1) * int(bits) // 8)
+        widths[key] = widths.get(key, 0) + 1
+    copies = r"\bcp\.async\.c[ag]\.shared\.global\S*\s+\[[^\]]+\],\s*\[[^\]]+\],\s*(0x[0-9a-fA-F]+|\d+)"
+    for size in re.findall(copies, ptx):
+        key = str(int(size, 0))
+        widths[key] = widths.get(key, 0) + 1
+    return dict(sorted(widths.items(), key=lambda kv: -int(kv[0])))
 
 
 def occupancy(arch: int, regs: int, smem: int, num_warps: int) -> dict:
@@ -270,6 +290,7 @@ def analyse(ck, arch: int, num_warps: int) -> dict:
         "shared_bytes": int(ck.metadata.shared),
         "ptx_wgmma": ptx.count("wgmma.mma_async"),
         "ptx_mma_sync": ptx.count("mma.sync"),
+        "ptx_global_loads": global_load_widths(ptx),
         **_ptxas_info(ptx, arch_name),
         **_sass_counts(ck.asm["cubin"]),
     }
@@ -291,16 +312,23 @@ def analyse(ck, arch: int, num_warps: int) -> dict:
     return info
 
 
+DEFAULT_BATCHES = (1, 2, 32)
+
+
 def build_report(
     model: str = "resnet50",
-    batch: int = 32,
+    batch: int | tuple[int, ...] = DEFAULT_BATCHES,
     dtype_name: str = "fp16",
     archs=(90, 80),
     image: int = 224,
     layers=None,
     progress=print,
+    specialise_sizes: bool = False,
 ) -> dict:
-    """Compile every distinct conv layer of ``model`` for each arch; one record per (layer, arch)."""
+    """Compile every distinct conv layer of ``model`` for each arch and batch; one record per
+    (layer, arch, batch). Batches with the same config share a compile (sizes are not specialised).
+    ``specialise_sizes``: compile a copy of the kernel without ``do_not_specialize``, as Triton would
+    specialise it by default, to measure what not specialising costs (benchmarks/NOTES.md)."""
     import triton
 
     ensure_fastres()
@@ -311,57 +339,68 @@ def build_report(
     kernel = conv._conv_bias_act_fwd_kernel
     if not hasattr(kernel, "params"):
         raise RuntimeError("the conv kernel is an interpreter object: run with TRITON_INTERPRET unset")
+    if specialise_sizes:
+        from triton.runtime.jit import JITFunction
+
+        kernel = JITFunction(kernel.fn)
     dtype = torch_dtype(dtype_name)
+    batches = (batch,) if isinstance(batch, int) else tuple(batch)
     infos = layers if layers is not None else unique_layers((model,), image) + shortcut_variants(model, image)
     cache: dict = {}
     records = []
     t_all = time.monotonic()
-    for arch in archs:
-        for li in infos:
-            shape = li.shape
-            shortcut = getattr(li, "shortcut", None)
-            args, consts, cfg, grid = launch_args(shape, batch, dtype, shortcut=shortcut)
-            src, options, target, key = specialise(kernel, arch, args, consts, cfg)
-            t0 = time.monotonic()
-            hit = key in cache
-            if not hit:
-                ck = triton.compile(src, target=target, options=options.__dict__)
-                cache[key] = analyse(ck, arch, cfg.num_warps)
-            info = cache[key]
-            lim = ARCH_LIMITS[arch]
-            waves = grid / max(1, info["blocks_per_sm"] * lim["sms"])
-            rec = {
-                "layer": li.name if shortcut is not None else shape.name,
-                "class": layer_class(shape) + (" +shortcut" if shortcut is not None else ""),
-                "count": li.count,
-                "arch": arch,
-                "batch": batch,
-                "dtype": dtype_name,
-                "gemm_mnk": list(shape.gemm(batch)),
-                "grid": grid,
-                "waves": round(waves, 2),
-                "config": {
-                    "block_m": cfg.block_m,
-                    "block_n": cfg.block_n,
-                    "block_k": cfg.block_k,
-                    "num_warps": cfg.num_warps,
-                    "num_stages": cfg.num_stages,
-                    "flat_k": consts["FLAT_K"],
-                },
-                "compile_s": round(time.monotonic() - t0, 2),
-                "cached": hit,
-                **info,
-            }
-            records.append(rec)
-            progress(
-                f"  sm_{arch} {shape.name:<34} regs {info['regs']!s:>4} "
-                f"spill {info['spill_store_bytes']!s:>5}B "
-                f"smem {info['shared_bytes'] // 1024:>4}KiB {info['tensor_core']:<8} occ "
-                f"{info['occupancy']:.2f} {' '.join(info['flags'])}{' (cached)' if hit else ''}"
-            )
+    for arch, batch, li in ((a, b, li) for a in archs for b in batches for li in infos):
+        shape = li.shape
+        shortcut = getattr(li, "shortcut", None)
+        args, consts, cfg, grid = launch_args(shape, batch, dtype, shortcut=shortcut)
+        src, options, target, key = specialise(kernel, arch, args, consts, cfg)
+        t0 = time.monotonic()
+        hit = key in cache
+        if not hit:
+            ck = triton.compile(src, target=target, options=options.__dict__)
+            cache[key] = analyse(ck, arch, cfg.num_warps)
+        info = cache[key]
+        lim = ARCH_LIMITS[arch]
+        waves = grid / max(1, info["blocks_per_sm"] * lim["sms"])
+        rec = {
+            "layer": li.name if shortcut is not None else shape.name,
+            "class": layer_class(shape) + (" +shortcut" if shortcut is not None else ""),
+            "count": li.count,
+            "arch": arch,
+            "batch": batch,
+            "dtype": dtype_name,
+            "gemm_mnk": list(shape.gemm(batch)),
+            "grid": grid,
+            "waves": round(waves, 2),
+            "config": {
+                "block_m": cfg.block_m,
+                "block_n": cfg.block_n,
+                "block_k": cfg.block_k,
+                "num_warps": cfg.num_warps,
+                "num_stages": cfg.num_stages,
+                "flat_k": consts["FLAT_K"],
+            },
+            "compile_s": round(time.monotonic() - t0, 2),
+            "cached": hit,
+            **info,
+        }
+        records.append(rec)
+        progress(
+            f"  sm_{arch} b{batch:<3} {shape.name:<34} regs {info['regs']!s:>4} "
+            f"spill {info['spill_store_bytes']!s:>5}B "
+            f"smem {info['shared_bytes'] // 1024:>4}KiB {info['tensor_core']:<8} occ "
+            f"{info['occupancy']:.2f} {' '.join(info['flags'])}{' (cached)' if hit else ''}"
+        )
     return {
         "env": env_info(),
-        "args": {"model": model, "batch": batch, "dtype": dtype_name, "archs": list(archs), "image": image},
+        "args": {
+            "model": model,
+            "batch": list(batches),
+            "dtype": dtype_name,
+            "archs": list(archs),
+            "image": image,
+            "specialise_sizes": specialise_sizes,
+        },
         "limits": ARCH_LIMITS,
         "distinct_compiles": len(cache),
         "elapsed_s": round(time.monotonic() - t_all, 1),
@@ -371,18 +410,19 @@ def build_report(
 
 def to_markdown(doc: dict) -> str:
     a = doc["args"]
+    batches = a["batch"] if isinstance(a["batch"], list) else [a["batch"]]
     lines = [
-        f"### Kernel report: {a['model']} at {a['image']}, batch {a['batch']}, {a['dtype']} "
-        f"(compiled on the CPU, triton {doc['env']['triton']})",
+        f"### Kernel report: {a['model']} at {a['image']}, batch {', '.join(map(str, batches))}, "
+        f"{a['dtype']} (compiled on the CPU, triton {doc['env']['triton']})",
         "",
-        "| arch | layer | class | config (BMxBNxBK w/s) | regs | spill B | smem KiB | tensor core | "
+        "| arch | batch | layer | class | config (BMxBNxBK w/s) | regs | spill B | smem KiB | tensor core | "
         "occupancy | waves | flags |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["records"]:
         c = r["config"]
         lines.append(
-            f"| sm_{r['arch']} | {r['layer']} | {r['class']} | "
+            f"| sm_{r['arch']} | {r['batch']} | {r['layer']} | {r['class']} | "
             f"{c['block_m']}x{c['block_n']}x{c['block_k']} "
             f"{c['num_warps']}/{c['num_stages']} | {r['regs']} | {r['spill_store_bytes']} | "
             f"{r['shared_bytes'] / 1024:.0f} | {r['tensor_core']} | {r['occupancy']:.2f} "
@@ -396,9 +436,18 @@ def to_markdown(doc: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="resnet50")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument(
+        "--batch",
+        default=",".join(map(str, DEFAULT_BATCHES)),
+        help="comma list of batch sizes (default %(default)s: small batches pick other tiles)",
+    )
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "tf32"])
     ap.add_argument("--archs", default="90,80", help="comma list of compute capabilities (90, 80)")
+    ap.add_argument(
+        "--specialise-sizes",
+        action="store_true",
+        help="compile without do_not_specialize (Triton's default) to compare the generated code",
+    )
     ap.add_argument("--only", default=None, help="comma list of layer names (as shapes.py prints them)")
     ap.add_argument("--out", default=None, help="folder or .json path (default benchmarks/results/)")
     ap.add_argument("--md", default=None, help="markdown path (default: next to the JSON)")
@@ -426,7 +475,12 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown layer(s) {missing}; known: {sorted(by_name)}")
         layers = [by_name[n] for n in wanted]
     doc = build_report(
-        args.model, args.batch, args.dtype, tuple(int(a) for a in args.archs.split(",")), layers=layers
+        args.model,
+        tuple(int(b) for b in args.batch.split(",")),
+        args.dtype,
+        tuple(int(a) for a in args.archs.split(",")),
+        layers=layers,
+        specialise_sizes=args.specialise_sizes,
     )
     path = write_run(doc, args.out, "kernel_report")
     md = Path(args.md) if args.md else path.with_suffix(".md")

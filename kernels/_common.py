@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 
 import torch
+from triton.runtime.jit import JITFunction
 
 # Triton reads TRITON_INTERPRET when it is imported; we read the same switch.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -33,29 +33,116 @@ def compiling_only() -> bool:
     return _COMPILE_ONLY.get()
 
 
+# Tensor types a raw Triton launch can take: it reads data_ptr() and nothing else. FakeTensor,
+# FunctionalTensor and other subclasses mean someone is tracing (or dispatching) and must see the launch.
+_REAL_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+def is_traced(args) -> bool:
+    """Whether a launch with these arguments is being traced (torch.compile, torch.export, make_fx,
+    FakeTensorMode) rather than run: a traced launch must go through ``wrap_triton`` so that it is
+    recorded, a real one must not (the higher-order-op dispatch costs ~80 µs per launch and adds a
+    kernel-table entry per call)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return True
+    # By type, not isinstance(a, torch.Tensor): that goes through a Python __instancecheck__ and made
+    # this loop ~5 µs for a conv's 35 arguments instead of ~1 µs (CPU, torch 2.14).
+    for a in args:
+        t = type(a)
+        if t is int or t in _REAL_TENSOR_TYPES:
+            continue
+        if isinstance(a, torch._C.TensorBase):
+            return True
+    return False
+
+
+def device_guard(device: torch.device):
+    """Make ``device`` current for a launch: Triton launches on the current device, whatever device
+    the tensors are on."""
+    if device.type != "cuda" or device.index is None:
+        return contextlib.nullcontext()
+    return torch.cuda._DeviceGuard(device.index)
+
+
+def _launch_device(args) -> torch.device | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
 class _CompileRequest:
     def __init__(self, kernel) -> None:
         self.kernel = kernel
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.kernel.warmup(*args, grid=grid, **kwargs)
+        def compile_request(*args, **kwargs):
+            with device_guard(_launch_device(args)):
+                return self.kernel.warmup(*args, grid=grid, **kwargs)
+
+        return compile_request
+
+
+class _Launcher:
+    """``launcher[grid](*args)``: the raw kernel on its tensors' device for real tensors, ``wrap_triton``
+    (decided per call, never cached: inside a triton_op in eager mode it returns the raw kernel) while
+    tracing."""
+
+    __slots__ = ("kernel",)
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        kernel = self.kernel
+
+        def launch(*args, **kwargs):  # tensors are positional in every fastres launcher
+            if is_traced(args):
+                from torch.library import wrap_triton
+
+                traceable = wrap_triton(kernel)
+                if traceable is not kernel:  # the raw kernel: a triton_op's eager body with real tensors
+                    return traceable[grid](*args, **kwargs)
+            with device_guard(_launch_device(args)):
+                return kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+_LAUNCHERS: dict = {}
 
 
 def launchable(kernel):
-    """The kernel as torch.compile can trace it (``wrap_triton``); the raw one under the interpreter,
-    which torch's wrapper does not accept; a compile request inside ``compile_only()``."""
-    if INTERPRET:
+    """``launchable(kernel)[grid](*args, **kwargs)`` launches ``kernel``: directly under the interpreter
+    (its kernels are not JITFunctions and torch's wrapper does not accept them), as a compile request
+    inside ``compile_only()``, else through a ``_Launcher`` that picks the raw kernel or ``wrap_triton``
+    from the arguments of each call. The launchers must launch through it: ``count_launches`` patches it."""
+    if not isinstance(kernel, JITFunction):
         return kernel
     if _COMPILE_ONLY.get():
         return _CompileRequest(kernel)
-    return _traceable(kernel)
+    launcher = _LAUNCHERS.get(kernel)
+    if launcher is None:
+        launcher = _LAUNCHERS[kernel] = _Launcher(kernel)
+    return launcher
 
 
-@functools.cache
-def _traceable(kernel):
-    from torch.library import wrap_triton
+_UNUSED: dict = {}
 
-    return wrap_triton(kernel)
+
+def unused_pointer(like: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``like``'s dtype and device for a pointer argument the kernel never reads (a flag
+    turned it off). It shares storage with no other argument: passing the output there instead would
+    hand torch.compile one buffer as both a read and a written argument. Cached for real tensors,
+    allocated while tracing (a cached real tensor cannot enter a traced graph)."""
+    if is_traced((like,)):
+        return like.new_empty(1)
+    key = (like.device, like.dtype)
+    t = _UNUSED.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = _UNUSED[key] = torch.empty(1, dtype=like.dtype, device=like.device)
+    return t
 
 
 def next_pow2(n: int) -> int:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_tensor, launchable, next_pow2, tl_dtype_ok
+from ._common import INTERPRET, check_tensor, launchable, next_pow2, tl_dtype_ok, unused_pointer
 
 # Tuning constants.
 # Interpreter: one large-block config; each program instance costs milliseconds in the
@@ -36,7 +36,19 @@ FLAT_K_MAX_CIN = 16
 GPU_BLOCK_M = 128
 GPU_BLOCK_N = 128
 GPU_STAGES = 4
+# Warps follow the tile, not M: a 128-row tile with 4 warps (64 < M < 128, ResNet-50 layer4 at
+# batch 2) compiled to 255 registers and 88 B of spills on sm_90 (triton 3.8; 44-196 B on 3.6).
 GPU_WARPS = 8
+SMALL_TILE_WARPS = 4
+# Sizes that only enter masks and index arithmetic are not specialised: Triton would otherwise turn a
+# value of 1 into a constant and give multiples of 16 a divisibility hint, so batch 1, 4 and 32 (or two
+# image sizes) compiled separate kernels. The PTX/SASS cost is in benchmarks/NOTES.md (issue 9, item 6).
+# Channel counts and strides stay specialised: they decide the vector width of every load.
+CONV_UNSPECIALISED = ("BATCH", "H", "W")
+# Device types whose fp32 convs run Triton's tf32 dot, which truncates its operands to tf32 (no
+# rounding step): the fold rounds fp32 weights to tf32 and the epilogue rounds fp32 outputs, so that
+# every dot operand is already exact in tf32 (DESIGN.md, Numerics). fastres.fold has the same switch.
+TF32_ROUND_DEVICE_TYPES = ("cuda",)
 # Grouped tile order: GROUP_M row tiles share a column of weight tiles in L2.
 GROUP_M = 8
 
@@ -50,7 +62,7 @@ class ConvConfig:
     num_stages: int = 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=CONV_UNSPECIALISED)
 def _conv_bias_act_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -106,6 +118,7 @@ def _conv_bias_act_fwd_kernel(
     RELU: tl.constexpr,
     FLAT_K: tl.constexpr,  # iterate the flattened (r, s, c) K range (small C_in)
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; used by fp32 dots only
+    ROUND_TF32: tl.constexpr,  # round the fp32 output to tf32 (nearest even) for the next tf32 dot
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -225,6 +238,13 @@ def _conv_bias_act_fwd_kernel(
     if RELU:
         # where(acc < 0, ...) keeps NaN as NaN, as torch.relu does.
         acc = tl.where(acc < 0.0, 0.0, acc)
+    if ROUND_TF32:
+        # Round to nearest even on the low 13 mantissa bits (the next layer's tf32 dot drops them);
+        # Inf and NaN pass unchanged, the largest finite values round up to Inf as tf32 rounding must.
+        bits = acc.to(tl.int32, bitcast=True)
+        rounded = (bits + (0xFFF + ((bits >> 13) & 1))) & -8192
+        finite = (bits & 0x7F800000) != 0x7F800000
+        acc = tl.where(finite, rounded, bits).to(tl.float32, bitcast=True)
     o_ptrs = (
         out_ptr
         + (n * stride_on + p.to(tl.int64) * stride_oh + q.to(tl.int64) * stride_ow)[:, None]
@@ -257,11 +277,12 @@ def pick_config(
         # group (C_in_g = 4, 128×16 tile) spilled at 255 registers on sm_90; 32 compiles to 128
         # registers without spills for it and for the stem (kernel report, fp16/bf16/fp32).
         block_k = 32
+    block_m = min(GPU_BLOCK_M, max(MIN_BLOCK, next_pow2(m)))
     return ConvConfig(
-        block_m=GPU_BLOCK_M if m >= GPU_BLOCK_M else max(MIN_BLOCK, next_pow2(m)),
+        block_m=block_m,
         block_n=min(GPU_BLOCK_N, max(MIN_BLOCK, next_pow2(c_out_g))),
         block_k=min(block_k, max(MIN_BLOCK, next_pow2(k_extent))),
-        num_warps=GPU_WARPS if m >= GPU_BLOCK_M else 4,
+        num_warps=GPU_WARPS if block_m >= GPU_BLOCK_M else SMALL_TILE_WARPS,
         num_stages=GPU_STAGES,
     )
 
@@ -418,7 +439,11 @@ def conv_bias_act(
     cfg = config
     if x.dtype == torch.float32 and precision == "ieee" and not INTERPRET:
         cfg = fit_ieee(cfg)
-    res = residual if residual is not None else out  # never read when HAS_RESIDUAL is False
+    # Without a residual its pointer is never read: a dedicated dummy, not ``out`` (one buffer as a read
+    # and a written argument misleads torch.compile), with out's strides (the same specialisation).
+    res = residual if residual is not None else unused_pointer(out)
+    res_strides = residual.stride() if residual is not None else out.stride()
+    round_tf32 = x.dtype == torch.float32 and precision == "tf32" and x.device.type in TF32_ROUND_DEVICE_TYPES
     x2 = shortcut_x if shortcut_x is not None else x  # never read when HAS_SHORTCUT is False
     w2 = shortcut_weight if shortcut_weight is not None else weight
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out_g, cfg.block_n), groups)
@@ -437,7 +462,7 @@ def conv_bias_act(
         c_out_g,
         *x.stride(),
         *weight.stride(),
-        *res.stride(),
+        *res_strides,
         *out.stride(),
         x2,
         w2,
@@ -460,6 +485,7 @@ def conv_bias_act(
         RELU=relu,
         FLAT_K=c_in_g < FLAT_K_MAX_CIN,
         DOT_PRECISION=precision,
+        ROUND_TF32=round_tf32,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,

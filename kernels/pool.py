@@ -21,9 +21,13 @@ POOL_BLOCK_P = 32
 AVG_BLOCK_HW = 64
 # Interpreter: fewer, larger programs (each program instance costs milliseconds there).
 INTERPRET_BLOCK = 128
+# Batch and spatial sizes only enter masks and index arithmetic: not specialised, so that batch 1, 4
+# and 32 share one compile (as in conv.py). The channel count stays specialised (vector width).
+MAX_POOL_UNSPECIALISED = ("BATCH", "H", "W", "P", "Q")
+AVG_POOL_UNSPECIALISED = ("H", "W")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=MAX_POOL_UNSPECIALISED)
 def _max_pool2d_fwd_kernel(
     x_ptr,
     out_ptr,
@@ -82,7 +86,7 @@ def _max_pool2d_fwd_kernel(
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=AVG_POOL_UNSPECIALISED)
 def _global_avg_pool_fwd_kernel(
     x_ptr,
     out_ptr,

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 LAYERS = ["3x224x224->64 7x7/s2", "64x56x56->64 3x3/s1", "256x14x14->1024 1x1/s1+res"]
@@ -27,6 +28,8 @@ def report(tmp_path_factory):
             "benchmarks.kernel_report",
             "--archs",
             "90",
+            "--batch",
+            "32",
             "--only",
             ",".join(LAYERS),
             "--out",
@@ -123,6 +126,7 @@ for dt, prec in ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat
     for name, shape in layers.items():
         args, consts, cfg, _ = launch_args(shape, 8, dt)
         consts["DOT_PRECISION"] = prec
+        consts["ROUND_TF32"] = dt == torch.float32 and prec == "tf32"  # as the launcher sets it on CUDA
         if prec == "ieee":  # as the launcher does
             cfg = conv.fit_ieee(cfg)
             consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
@@ -153,3 +157,98 @@ def test_every_kernel_variant_compiles_for_sm90():
         assert rec["spill_store_bytes"] == 0, f"{name}: spills {rec}"
         if name.startswith("conv") and "float32 ieee" not in name:
             assert rec["ptx_wgmma"] > 0, f"{name}: no wgmma ({rec['tensor_core']})"
+
+
+# ResNet-50 layer4 at batch 1 (M = 49: a 64-row tile) and 2 (M = 98: a 128-row tile). Before issue 9 the
+# 128-row tile got 4 warps below M = 128 and spilled (88 B and 44 B on sm_90, triton 3.8).
+SMALL_BATCH_LAYERS = ["512x7x7->512 3x3/s1", "512x7x7->2048 1x1/s1+res"]
+
+
+def test_pick_config_keys_warps_on_the_tile():
+    from fastres.kernels.conv import GPU_BLOCK_M, pick_config
+
+    for m in (49, 98, 127, 128, 6272):
+        cfg = pick_config(m, 512, 512, 3, 3, torch.float16, interpret=False)
+        assert cfg.num_warps == (8 if cfg.block_m == GPU_BLOCK_M else 4), (m, cfg)
+    assert pick_config(98, 512, 512, 3, 3, torch.float16, interpret=False).block_m == GPU_BLOCK_M
+
+
+def test_small_batches_compile_without_spills(tmp_path):
+    """The kernel report covers batches 1 and 2, where the heuristic picks other tiles: no spills there."""
+    out = tmp_path / "small.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "benchmarks.kernel_report", "--archs", "90", "--batch", "1,2"]
+    proc = subprocess.run(
+        [*cmd, "--only", ",".join(SMALL_BATCH_LAYERS), "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert sorted((r["batch"], r["layer"]) for r in records) == sorted(
+        (b, layer) for b in (1, 2) for layer in SMALL_BATCH_LAYERS
+    )
+    for r in records:
+        what = f"batch {r['batch']} {r['layer']} {r['config']}"
+        assert r["config"]["block_m"] == (64 if r["batch"] == 1 else 128), what
+        assert r["spill_store_bytes"] == 0 and r["sass_stl"] == 0, f"{what}: spills {r}"
+        assert r["ptx_wgmma"] > 0 and r["flags"] == [], what
+
+
+SPECIALISATION_PROBE = """
+import json, torch
+from triton.runtime.jit import MockTensor
+from benchmarks.kernel_report import launch_args, specialise
+from benchmarks.shapes import unique_layers
+from fastres.kernels import conv, pool
+from fastres.kernels.conv import ConvConfig
+
+layers = {li.shape.name: li.shape for li in unique_layers(("resnet50",))}
+out = {}
+for name in ("3x224x224->64 7x7/s2", "64x56x56->64 3x3/s1", "512x7x7->2048 1x1/s1+res"):
+    for dt in (torch.float16, torch.float32):
+        keys = set()
+        for batch in (1, 4, 32):
+            args, consts, _, _ = launch_args(layers[name], batch, dt)
+            cfg = ConvConfig(128, 64, 32, 8, 4)  # one config for every batch, as a tuned table may give
+            consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+            keys.add(specialise(conv._conv_bias_act_fwd_kernel, 90, args, consts, cfg)[3])
+        out[f"conv {name} {dt}"] = len(keys)
+
+
+class Cfg:
+    num_warps, num_stages = 4, 3
+
+
+t = MockTensor(torch.float16)
+keys = {specialise(pool._max_pool2d_fwd_kernel, 90, [t, t, b, 64, 112, 112, 56, 56,
+        112 * 112 * 64, 1, 112 * 64, 64, 56 * 56 * 64, 1, 56 * 64, 64],
+        dict(KH=3, KW=3, STRIDE_H=2, STRIDE_W=2, PAD_H=1, PAD_W=1, BLOCK_P=32, BLOCK_C=64), Cfg)[3]
+        for b in (1, 4, 32)}
+out["max_pool"] = len(keys)
+keys = {specialise(pool._global_avg_pool_fwd_kernel, 90, [t, t, 2048, hw, hw, hw * hw * 2048, 1, hw * 2048,
+        2048, 2048, 1], dict(BLOCK_HW=64, BLOCK_C=64), Cfg)[3] for hw in (1, 7, 16)}
+out["avg_pool over 1x1, 7x7, 16x16"] = len(keys)
+print(json.dumps(out))
+"""
+
+
+def test_batch_sizes_share_one_specialisation():
+    """Batch 1, 4 and 32 (with one config) give one compiled kernel: the batch is not specialised
+    (Triton would make 1 a constant and give 32 a divisibility hint: three compiles)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SPECIALISATION_PROBE],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(counts) == 8
+    assert all(n == 1 for n in counts.values()), counts
