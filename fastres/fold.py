@@ -7,10 +7,21 @@ The cache key holds, for every tensor the fold read: the tensor object itself, i
 ``_version`` (bumped by every in-place write: ``load_state_dict``, ``mul_``, optimizer steps),
 its data pointer, dtype, device and shape (``.to()``, ``.half()`` and ``param.data = ...``
 change those without a version bump). Any difference means the next forward refolds.
+
+Inference tensors (created under ``torch.inference_mode``, e.g. a model built there) have no version
+counter: they are keyed by object, data pointer, dtype, device and shape only, so an in-place write to
+one (``w.mul_(2)`` inside inference mode), like a write through ``param.data``, is not seen: call
+``fastres.refold(model)`` after it.
+
+fp32 on CUDA with tf32 dots (``FASTRES_FP32_PRECISION``, default "tf32"): Triton's tf32 dot truncates
+its operands (it drops the low 13 mantissa bits), so the fold rounds the fp32 weights to tf32, nearest
+even, and the kernel rounds its fp32 outputs the same way: every dot operand is then exact in tf32 and
+the error is cuDNN's (DESIGN.md, Numerics). The precision is part of the cache key.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -21,6 +32,42 @@ try:  # detection backbones use torchvision's FrozenBatchNorm2d
     from torchvision.ops.misc import FrozenBatchNorm2d
 except ImportError:  # pragma: no cover - torchvision is a dependency, but keep fold usable alone
     FrozenBatchNorm2d = None
+
+
+# Device types whose fp32 convs run Triton's truncating tf32 dot (fastres.kernels.conv has the same
+# switch for the output rounding; the tf32 emulation test turns both on for the interpreter).
+TF32_ROUND_DEVICE_TYPES = ("cuda",)
+
+
+def fp32_precision() -> str:
+    """The fp32 dot mode of the kernels: "tf32" (default) or "ieee" (``$FASTRES_FP32_PRECISION``)."""
+    return os.environ.get("FASTRES_FP32_PRECISION", "tf32")
+
+
+def rounds_to_tf32(device: torch.device, dtype: torch.dtype, precision: str | None = None) -> bool:
+    """Whether fp32 folded weights for ``device`` are rounded to tf32 (see the module docstring);
+    ``precision`` is the launch's fp32 dot mode, default ``fp32_precision()``."""
+    if dtype != torch.float32 or device.type not in TF32_ROUND_DEVICE_TYPES:
+        return False
+    return (precision or fp32_precision()) == "tf32"
+
+
+def round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 ``t`` rounded to the nearest tf32 value (10 mantissa bits), ties to even; Inf and NaN unchanged.
+    Values above the largest tf32 (within half a tf32 step of fp32's maximum) round to ±Inf, as correct
+    rounding must.
+
+    >>> round_tf32(torch.tensor([1 + 2**-11, 1 + 3 * 2**-11])).tolist()  # ties to even  # doctest: +SKIP
+    [1.0, 1.001953125]
+    """
+    if t.dtype != torch.float32:
+        raise TypeError(f"round_tf32: expected a float32 tensor, got {t.dtype}")
+    bits = t.view(torch.int32)
+    # Adding 0xFFF plus the lowest kept bit, then clearing the low 13 bits, rounds to nearest even;
+    # finite values cannot overflow int32 (the largest, 0x7F7FFFFF, becomes 0x7F800000: Inf).
+    rounded = (bits + (0xFFF + ((bits >> 13) & 1))) & -8192
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return torch.where(finite, rounded, bits).view(torch.float32)
 
 
 class Folded(NamedTuple):
@@ -49,8 +96,13 @@ def bn_tensors(bn: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None,
     return bn.weight, bn.bias, bn.running_mean, bn.running_var
 
 
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) -> Folded:
-    """Fold ``bn`` (eval statistics) into ``conv``; ``bn=None`` folds only the conv bias."""
+def fold_conv_bn(
+    conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype, *, precision: str | None = None
+) -> Folded:
+    """Fold ``bn`` (eval statistics) into ``conv``; ``bn=None`` folds only the conv bias.
+    ``precision``: the fp32 dot mode the weights are for ("tf32" rounds fp32 weights on CUDA, "ieee"
+    does not); default ``$FASTRES_FP32_PRECISION``, as the kernels' default. Pass the same ``precision``
+    to ``conv_bias_act`` when calling the launcher directly."""
     w = conv.weight.detach()
     acc = torch.float64 if w.device.type in ("cpu", "cuda") else torch.float32
     c_out = w.shape[0]
@@ -59,8 +111,9 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) -> F
         if conv.bias is not None
         else torch.zeros(c_out, dtype=acc, device=w.device)
     )
+    rounded = rounds_to_tf32(w.device, dtype, precision)
     if bn is None:
-        return Folded(pack_weight(w.to(dtype)), b.float())
+        return Folded(pack_weight(_cast(w, dtype, rounded)), b.float())
     gamma, beta, mean, var = bn_tensors(bn)
     scale = torch.rsqrt(var.detach().to(acc) + bn.eps)
     if gamma is not None:
@@ -69,13 +122,20 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module | None, dtype: torch.dtype) -> F
     if beta is not None:
         shift = shift + beta.detach().to(acc)
     w_folded = w.to(acc) * scale.view(-1, 1, 1, 1)
-    return Folded(pack_weight(w_folded.to(dtype)), shift.float())
+    return Folded(pack_weight(_cast(w_folded, dtype, rounded)), shift.float())
+
+
+def _cast(w: torch.Tensor, dtype: torch.dtype, tf32: bool) -> torch.Tensor:
+    w = w.to(dtype)
+    return round_tf32(w) if tf32 else w
 
 
 def _stamp(t: torch.Tensor | None):
     if t is None:
         return None
-    return (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+    # Inference tensors have no version counter (reading it raises): identity and data pointer only.
+    version = None if t.is_inference() else t._version
+    return (version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
 
 
 class FoldCache:
@@ -97,11 +157,9 @@ class FoldCache:
             # Traced by torch.compile / torch.export: the fold becomes part of the graph (freezing
             # constant-folds it), and the graph's own guards decide when it is retraced.
             return make()
-        try:
-            stamps = tuple(_stamp(t) for t in tensors)
-        except RuntimeError:  # inference tensors carry no version counter: never cache them
-            self.folds += 1
-            return make()
+        stamps = tuple(_stamp(t) for t in tensors)
+        # The fp32 precision decides whether the fold rounds weights to tf32: part of the key.
+        extra = (extra, fp32_precision())
         if (
             self._value is not None
             and extra == self._extra

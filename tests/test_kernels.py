@@ -65,7 +65,7 @@ def test_conv_bias_act_matches_unfolded_reference(shape, residual, relu, dtype, 
     res = torch.randn(n, c_out, p, q) if residual else None
     ref = reference(x, conv, bn, res, relu)
 
-    folded = fold_conv_bn(conv.to(device), bn.to(device), dtype)
+    folded = fold_conv_bn(conv.to(device), bn.to(device), dtype, precision="ieee")
     out = torch.full((n, c_out, p, q), float("nan"), dtype=dtype, device=device).to(
         memory_format=torch.channels_last
     )
@@ -109,8 +109,8 @@ def test_tail_with_projection_shortcut_in_one_kernel(
     ref = reference(
         y, conv3.to(dtype), bn3.to(dtype), reference(x, conv_ds.to(dtype), bn_ds.to(dtype), None, False), True
     )
-    main = fold_conv_bn(conv3.float().to(device), bn3.float().to(device), dtype)
-    short = fold_conv_bn(conv_ds.float().to(device), bn_ds.float().to(device), dtype)
+    main = fold_conv_bn(conv3.float().to(device), bn3.float().to(device), dtype, precision="ieee")
+    short = fold_conv_bn(conv_ds.float().to(device), bn_ds.float().to(device), dtype, precision="ieee")
     out = torch.full((n, c_out, p, q), float("nan"), dtype=dtype, device=device)
     got = conv_bias_act(
         y.to(device),
@@ -146,7 +146,7 @@ def test_shortcut_shape_errors(device):
 def test_conv_accepts_any_input_layout(device):
     conv, bn = make_conv_bn(16, 24, 3, 1, 1, 1, 1)
     base = torch.randn(4, 16, 10, 12)
-    folded = fold_conv_bn(conv.to(device), bn.to(device), torch.float32)
+    folded = fold_conv_bn(conv.to(device), bn.to(device), torch.float32, precision="ieee")
     layouts = {
         "nchw": base,
         "channels_last": base.to(memory_format=torch.channels_last),
@@ -224,3 +224,35 @@ def test_global_avg_pool_matches_torch(n, c, h, w, dtype, rel, device):
     y = global_avg_pool(x.to(device), out=out)
     ref = x.double().mean((2, 3), keepdim=True)
     assert_close(y, ref, rel=rel, atol=rel, rtol=rel, what="avgpool")
+
+
+def test_inference_mode_parameters_fold_once_and_refold_sees_in_place_edits():
+    """Parameters created under inference_mode have no version counter: the fold cache keys them by
+    object and data pointer (it refolded on every forward before), and an in-place write to one, like a
+    ``.data`` write, needs ``fastres.refold``."""
+    import fastres
+    from fastres.testing import randomize_bn
+
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()).eval()
+        randomize_bn(model)
+    fast = fastres.convert(model, inplace=True)  # a copy made outside inference mode is a normal tensor
+    assert fast[0].weight.is_inference() and fast[1].running_var.is_inference()
+    x = torch.randn(2, 8, 6, 5)
+
+    def eager():  # the same parameters as plain modules, in float64
+        c = nn.Conv2d(8, 16, 3, padding=1).double()
+        bn = nn.BatchNorm2d(16).double().eval()
+        c.load_state_dict({k: v.clone() for k, v in fast[0].state_dict().items()})
+        bn.load_state_dict({k: v.clone() for k, v in fast[1].state_dict().items()})
+        return reference(x, c, bn, None, True)
+
+    with torch.inference_mode():
+        y = fast(x)
+        assert_close(fast(x), y, rel=0, atol=0, rtol=0, what="second forward")
+        assert fast[0]._fold.folds == 1, "the second forward must reuse the fold"
+        assert_close(y, eager(), rel=1e-5, atol=1e-4, rtol=1e-4, what="first forward")
+        fast[0].weight.mul_(2.0)  # in place, invisible to the cache key
+        fastres.refold(fast)
+        assert_close(fast(x), eager(), rel=1e-5, atol=1e-4, rtol=1e-4, what="after mul_ and refold")
+    assert fast[0]._fold.folds == 2
