@@ -409,10 +409,22 @@ def test_autotune_on_gpu_writes_the_cache_and_stays_correct(tmp_path, monkeypatc
 
 @pytest.mark.gpu
 def test_tune_model_writes_a_table_that_the_lookup_uses(tmp_path, monkeypatch):
+    """Two candidates per shape, neither the heuristic (16 compiles, not the 48 of the full lists:
+    the choice among many is ``test_benchmark_picks_the_fastest...``'s); so a lookup that fell back
+    to the heuristic instead of reading the table cannot pass the last check."""
     from torchvision.models.resnet import BasicBlock, ResNet
 
     from fastres.tuning import tune_model
 
+    full = tuning.candidates
+    offered = []
+
+    def two_candidates(*shape):
+        configs = full(*shape)[1:3]  # [0] is the heuristic; candidates() has no repeats
+        offered.append(configs)
+        return configs
+
+    monkeypatch.setattr(tuning, "candidates", two_candidates)
     model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval().cuda().half()
     x = torch.randn(2, 3, 32, 32, device="cuda", dtype=FP16)
     path = tune_model(model, x, tmp_path / "cfg", verbose=False)
@@ -422,9 +434,12 @@ def test_tune_model_writes_a_table_that_the_lookup_uses(tmp_path, monkeypatch):
     table = tuning.read_table(path, strict=True)
     assert sorted(table) == tiny_resnet_keys(2, 32) and len(table) == 8 and data["tuned_on"]["gpu"]
     assert all(v["ms"] > 0 for v in data["configs"].values())
+    assert len(offered) == 8 and all(len(c) == 2 for c in offered)  # one timing per shape
     monkeypatch.setenv("FASTRES_CONFIG_DIR", str(tmp_path / "cfg"))
     tuning.clear_cache()
     stem_key = tuning.shape_key(3, 64, 7, 7, (2, 2), (3, 3), (1, 1), 1, 2 * 16 * 16, FP16)
+    stem_offered = full(2 * 16 * 16, 64, 3, 7, 7, FP16)
+    assert table[stem_key] in stem_offered[1:3] and table[stem_key] != stem_offered[0]
     w = torch.empty(64, 3, 7, 7, device="cuda", dtype=FP16)
     cfg = tuning.select_config(x, w, stride=(2, 2), padding=(3, 3), dilation=(1, 1), groups=1, m=2 * 16 * 16)
     assert cfg == table[stem_key]
