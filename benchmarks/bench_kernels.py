@@ -94,13 +94,13 @@ def provider_fn(provider: str, shape, layer, x, res, dtype_name: str):
 
     dtype = torch_dtype(dtype_name)
     if provider == "fastres":
-        from benchmarks.peers import fold_bn
-        from fastres.fold import pack_weight
+        from fastres.fold import fold_conv_bn
         from fastres.kernels.conv import conv_bias_act
 
-        w, b = fold_bn(layer.conv, layer.bn, dtype)
-        w, b = pack_weight(w), b.float()
+        # fastres's own fold, as the modules make it (fp32 weights rounded to tf32 for tf32 dots);
+        # the reference is the unfolded eager layer, so a folding bug still shows.
         prec = fastres_precision(dtype_name)
+        w, b = fold_conv_bn(layer.conv, layer.bn, dtype, precision=prec)
         return lambda: conv_bias_act(
             x,
             w,

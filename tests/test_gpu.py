@@ -34,7 +34,7 @@ def _run_layer(shape, dtype, precision, residual, config=None):
     res = torch.randn(n, c_out, p, q) if residual else None
     xd = x.to(dtype)
     ref = reference(xd, conv.to(dtype), bn.to(dtype), None if res is None else res.to(dtype), True)
-    folded = fold_conv_bn(conv.float().cuda(), bn.float().cuda(), dtype)
+    folded = fold_conv_bn(conv.float().cuda(), bn.float().cuda(), dtype, precision=precision)
     out = torch.full((n, c_out, p, q), float("nan"), dtype=dtype, device="cuda")
     y = conv_bias_act(
         xd.cuda(),
