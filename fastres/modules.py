@@ -81,7 +81,12 @@ def _exporting() -> bool:
 def autocast_input(x):
     """``x`` in the dtype an enabled autocast computes convolutions in on x's device (as eager would),
     and whether autocast is on. Outside autocast, or for a non-float input, ``x`` as it is."""
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+    if (
+        isinstance(x, torch.Tensor)
+        and x.device.type in ("cuda", "cpu")  # the fused path runs nowhere else; meta has no autocast
+        and x.is_floating_point()
+        and torch.is_autocast_enabled(x.device.type)
+    ):
         dtype = torch.get_autocast_dtype(x.device.type)
         return (x if x.dtype == dtype else x.to(dtype)), True
     return x, False
