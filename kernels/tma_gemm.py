@@ -1,0 +1,427 @@
+"""1×1 stride-1 convolution as a persistent tensor-descriptor (TMA) GEMM over NHWC, fused epilogue.
+
+GEMM view: for x in channels_last-contiguous memory, the (n, h, w) pixels are the rows of one
+row-major matrix, so a 1×1 stride-1 conv is a plain GEMM with no index arithmetic in the loop:
+
+    A = x viewed as [M = N·H·W, K = C_in]      (row stride C_in)
+    B = the folded weight viewed as [C_in, C_out]  (``fastres.fold.pack_weight``: C_out stride 1)
+    out[M, C_out] = relu(A @ B + bias (+ residual))
+
+A and B tiles are loaded through 2-D tensor descriptors (``tl.make_tensor_descriptor``: on sm_90 the
+bulk tensor copy engine, ``cp.async.bulk.tensor``; the rows past M and the columns past C_in/C_out come
+back zero-filled, so the main loop has no masks). A persistent grid of min(#SMs, tiles) programs walks
+the output tiles in grouped order (GROUP_M row tiles share one column of weight tiles in L2). The
+epilogue is ``kernels/conv.py``'s in fp32: + bias, + residual tile (any float dtype; through a
+descriptor when it is channels_last-contiguous and 16-byte aligned, else strided pointer loads), ReLU,
+optional tf32 rounding of fp32 outputs, cast, one store (a descriptor store clips at the tensor's edge;
+a masked pointer store for outputs that are not channels_last-contiguous). Every output element is
+written exactly once.
+
+Applicability (``applicable``): 1×1 kernel, stride 1, padding 0, groups 1; x channels_last-contiguous
+with C_in·itemsize a multiple of 16 bytes and a 16-byte aligned base (the copy engine's rule for row
+strides and addresses); the weight in the packed layout with C_out·itemsize a multiple of 16 bytes; a
+Triton with device-side descriptors and ``triton.set_allocator``; on CUDA, compute capability ≥ 9.0.
+Anything else is reported as not applicable with the reason, never launched.
+
+Device-side descriptors (built in the kernel, not ``triton.tools.tensor_descriptor.TensorDescriptor``
+on the host) keep the kernel's signature to pointers and integers: no descriptor object is built per
+call, and the kernel report specialises it like the gather kernel. On a GPU they need scratch memory
+for the descriptors (128 bytes per program), which Triton asks of the allocator set with
+``triton.set_allocator``; the launcher installs a torch allocator when none is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, check_tensor, launchable, next_pow2, tl_dtype_ok, unused_pointer
+from .conv import TF32_ROUND_DEVICE_TYPES, _default_precision
+
+# Tuning constants.
+# Interpreter: each program instance costs milliseconds whatever its block size, so few large tiles and a
+# small fixed persistent grid (4 programs also walks the multi-tile loop of every program in the tests).
+INTERPRET_MAX_BLOCK = 128
+INTERPRET_PROGRAMS = 4
+# tl.dot needs every dimension >= 16; the copy engine needs >= 16 bytes along the contiguous dimension.
+MIN_BLOCK = 16
+# GPU defaults until a GPU measures them (no GPU was lent for issue 11): 128×128 output tiles with 64
+# (16-bit) or 32 (fp32) K columns per stage are the Hopper shapes of Triton's persistent-matmul tutorial;
+# 3 stages: (128 + 128) × 64 × 2 B = 32 KiB per stage, 96 KiB, leaving room for the epilogue's tile.
+# Register and spill figures of these configs: benchmarks/kernel_report.py --tactics tma_gemm.
+GPU_BLOCK_M = 128
+GPU_BLOCK_N = 128
+GPU_STAGES = 3
+# 8 warps for a 128-row tile, as the gather kernel (4 warps on a 128×128 fp32 accumulator is 128
+# accumulator registers per thread before the epilogue); 4 warps below.
+GPU_WARPS = 8
+SMALL_TILE_WARPS = 4
+# Grouped tile order: GROUP_M row tiles share a column of weight tiles in L2 (as conv.py).
+GROUP_M = 8
+# Sizes that only enter index arithmetic are not specialised, so batches share a compile (conv.py's
+# CONV_UNSPECIALISED). Channel counts stay specialised: they are the descriptors' strides.
+TMA_UNSPECIALISED = ("M", "H", "W")
+# Bytes: the copy engine's alignment for base addresses and row strides.
+TMA_ALIGN = 16
+# Hopper (sm_90) is the first architecture with the tensor memory accelerator.
+MIN_CAPABILITY = (9, 0)
+
+
+@dataclass(frozen=True)
+class TmaGemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 1
+    num_programs: int | None = None  # persistent grid size; None: min(#SMs, tiles)
+
+
+@triton.jit
+def _round_tf32(acc):
+    # Round to nearest even on the low 13 mantissa bits (the next layer's tf32 dot drops them); Inf and
+    # NaN pass unchanged, the largest finite values round up to Inf (conv.py's epilogue, same bits).
+    bits = acc.to(tl.int32, bitcast=True)
+    rounded = (bits + (0xFFF + ((bits >> 13) & 1))) & -8192
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return tl.where(finite, rounded, bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=TMA_UNSPECIALISED)
+def _conv1x1_bias_act_fwd_kernel(
+    x_ptr,  # [M, C_IN] row-major (channels_last x)
+    w_ptr,  # [C_IN, C_OUT] row-major (packed weight)
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    M,
+    H,
+    W,  # pixel (n, h, w) of row m, for the strided residual / output paths only
+    C_IN,
+    C_OUT,
+    stride_rn,
+    stride_rc,
+    stride_rh,
+    stride_rw,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    HAS_RESIDUAL: tl.constexpr,
+    RES_DESC: tl.constexpr,  # residual is [M, C_OUT] row-major and aligned: load it through a descriptor
+    OUT_DESC: tl.constexpr,  # output is [M, C_OUT] row-major and aligned: store it through a descriptor
+    RELU: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; used by fp32 dots only
+    ROUND_TF32: tl.constexpr,  # round the fp32 output to tf32 (nearest even) for the next tf32 dot
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_OUT, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    num_pid_in_group = GROUP_M * num_pid_n
+
+    # One set of descriptors per program, reused for every tile it computes.
+    x_desc = tl.make_tensor_descriptor(
+        x_ptr, shape=[M, C_IN], strides=[C_IN, 1], block_shape=[BLOCK_M, BLOCK_K]
+    )
+    w_desc = tl.make_tensor_descriptor(
+        w_ptr, shape=[C_IN, C_OUT], strides=[C_OUT, 1], block_shape=[BLOCK_K, BLOCK_N]
+    )
+    if RES_DESC:
+        r_desc = tl.make_tensor_descriptor(
+            res_ptr, shape=[M, C_OUT], strides=[C_OUT, 1], block_shape=[BLOCK_M, BLOCK_N]
+        )
+    if OUT_DESC:
+        o_desc = tl.make_tensor_descriptor(
+            out_ptr, shape=[M, C_OUT], strides=[C_OUT, 1], block_shape=[BLOCK_M, BLOCK_N]
+        )
+
+    for tile in range(pid, num_tiles, num_programs):
+        # Grouped ordering: consecutive tiles reuse the same weight column tiles.
+        group_id = tile // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+        pid_n = (tile % num_pid_in_group) // group_size_m
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+
+        # Out-of-bounds rows and K columns are zero-filled by the descriptor: no masks in the loop.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, C_IN, BLOCK_K):
+            a = x_desc.load([off_m, k0])
+            b = w_desc.load([k0, off_n])
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+        # Epilogue in fp32: + bias, + residual, ReLU, one store.
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < C_OUT
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        if (HAS_RESIDUAL and not RES_DESC) or not OUT_DESC:
+            # Strided paths: the row index m is pixel (n, h, w); int64 before any product with a stride.
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < M
+            pix_w = (offs_m % W).to(tl.int64)
+            pix_h = ((offs_m // W) % H).to(tl.int64)
+            pix_n = (offs_m // W // H).to(tl.int64)
+            tile_mask = m_mask[:, None] & n_mask[None, :]
+            co = offs_n.to(tl.int64)
+        if HAS_RESIDUAL:
+            if RES_DESC:
+                acc += r_desc.load([off_m, off_n]).to(tl.float32)
+            else:
+                r_ptrs = (
+                    res_ptr
+                    + (pix_n * stride_rn + pix_h * stride_rh + pix_w * stride_rw)[:, None]
+                    + (co * stride_rc)[None, :]
+                )
+                acc += tl.load(r_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+        if RELU:
+            # where(acc < 0, ...) keeps NaN as NaN, as torch.relu does.
+            acc = tl.where(acc < 0.0, 0.0, acc)
+        if ROUND_TF32:
+            acc = _round_tf32(acc)
+        if OUT_DESC:
+            # The copy engine writes only the part of the box inside [M, C_OUT]: each element once.
+            o_desc.store([off_m, off_n], acc.to(out_ptr.dtype.element_ty))
+        else:
+            o_ptrs = (
+                out_ptr
+                + (pix_n * stride_on + pix_h * stride_oh + pix_w * stride_ow)[:, None]
+                + (co * stride_oc)[None, :]
+            )
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+
+def descriptors_available() -> str | None:
+    """None if this Triton has device-side tensor descriptors and a scratch allocator hook, else why not.
+    (Both exist from Triton 3.4; the GPU machine's 3.6 and this checkout's 3.8 have them.)"""
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return f"triton {triton.__version__} has no tl.make_tensor_descriptor"
+    if not hasattr(triton, "set_allocator"):
+        return f"triton {triton.__version__} has no triton.set_allocator (descriptor scratch memory)"
+    return None
+
+
+def _is_nhwc_rows(t: torch.Tensor) -> bool:
+    """t (N, C, H, W) is one row-major [N·H·W, C] matrix: channels_last-contiguous."""
+    return t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _aligned(t: torch.Tensor, row_elems: int) -> bool:
+    return t.data_ptr() % TMA_ALIGN == 0 and (row_elems * t.element_size()) % TMA_ALIGN == 0
+
+
+def _is_packed_1x1(w: torch.Tensor) -> bool:
+    """w (C_out, C_in, 1, 1) is a row-major [C_in, C_out] matrix (C_out stride 1)."""
+    c_out, c_in = w.shape[:2]
+    return (c_out == 1 or w.stride(0) == 1) and (c_in == 1 or w.stride(1) == c_out)
+
+
+def applicable(
+    x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, dilation=1, groups: int = 1
+) -> str | None:
+    """None if ``conv1x1_bias_act`` can run this conv, else the reason it cannot.
+
+    >>> applicable(x, w, stride=2)                            # doctest: +SKIP
+    'tma_gemm: stride (2, 2), needs 1 (stride 2 through a strided view is not implemented)'
+    """
+    why = descriptors_available()
+    if why:
+        return f"tma_gemm: {why}"
+    if x.dim() != 4 or w.dim() != 4:
+        return f"tma_gemm: needs 4-D x and weight, got {tuple(x.shape)} and {tuple(w.shape)}"
+    stride, padding = _pair(stride), _pair(padding)
+    if tuple(w.shape[2:]) != (1, 1):
+        return f"tma_gemm: {w.shape[2]}x{w.shape[3]} kernel, needs 1x1"
+    if groups != 1:
+        return f"tma_gemm: groups={groups}, needs 1"
+    if stride != (1, 1):
+        return f"tma_gemm: stride {stride}, needs 1 (stride 2 through a strided view is not implemented)"
+    if padding != (0, 0):
+        return f"tma_gemm: padding {padding}, needs 0"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.dtype != x.dtype:
+        return f"tma_gemm: dtypes x {x.dtype}, weight {w.dtype}"
+    if x.device.type == "cuda":
+        cap = torch.cuda.get_device_capability(x.device)
+        if cap < MIN_CAPABILITY:
+            return f"tma_gemm: compute capability {cap[0]}.{cap[1]}, TMA needs 9.0"
+    elif not INTERPRET:
+        return f"tma_gemm: x is on {x.device}, needs CUDA (or the interpreter)"
+    c_in, c_out = x.shape[1], w.shape[0]
+    if w.shape[1] != c_in:
+        return f"tma_gemm: weight expects {w.shape[1]} input channels, x has {c_in}"
+    if not _is_nhwc_rows(x):
+        return f"tma_gemm: x is not channels_last-contiguous (strides {tuple(x.stride())})"
+    if not _aligned(x, c_in):
+        return (
+            f"tma_gemm: x rows of C_in={c_in} x {x.element_size()} B or its base address are not "
+            f"{TMA_ALIGN}-byte aligned"
+        )
+    if not _is_packed_1x1(w):
+        return f"tma_gemm: weight strides {tuple(w.stride())} are not the packed layout (C_out stride 1)"
+    if not _aligned(w, c_out):
+        return (
+            f"tma_gemm: weight rows of C_out={c_out} x {w.element_size()} B or its base address are not "
+            f"{TMA_ALIGN}-byte aligned"
+        )
+    return None
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(int(i) for i in v)
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_config(
+    m: int, c_out: int, c_in: int, dtype: torch.dtype, *, interpret: bool = INTERPRET
+) -> TmaGemmConfig:
+    """The heuristic config for one 1×1 conv shape (no tuned table for this tactic yet)."""
+    if interpret:
+        cap = INTERPRET_MAX_BLOCK
+        return TmaGemmConfig(
+            block_m=min(cap, max(MIN_BLOCK, next_pow2(m))),
+            block_n=min(cap, max(MIN_BLOCK, next_pow2(c_out))),
+            block_k=min(cap, max(MIN_BLOCK, next_pow2(c_in))),
+            num_programs=INTERPRET_PROGRAMS,
+        )
+    block_k = 32 if dtype == torch.float32 else 64
+    block_m = 64 if m <= 64 else GPU_BLOCK_M
+    return TmaGemmConfig(
+        block_m=block_m,
+        block_n=min(GPU_BLOCK_N, max(MIN_BLOCK, next_pow2(c_out))),
+        block_k=min(block_k, max(MIN_BLOCK, next_pow2(c_in))),
+        num_warps=GPU_WARPS if block_m >= GPU_BLOCK_M else SMALL_TILE_WARPS,
+        num_stages=GPU_STAGES,
+    )
+
+
+def num_programs(cfg: TmaGemmConfig, m: int, c_out: int, sms: int) -> int:
+    """Persistent grid: one program per SM, never more programs than tiles."""
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out, cfg.block_n)
+    return max(1, min(cfg.num_programs or sms, tiles))
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    # Descriptor scratch for device-side descriptors; the caching allocator aligns to 512 bytes.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Install a torch-backed scratch allocator if the calling context has none (Triton keeps it in a
+    ContextVar: a thread or context that never set one gets Triton's raising NullAllocator)."""
+    try:
+        from triton.runtime import _allocation
+
+        current = _allocation._allocator.get()
+        if not isinstance(current, _allocation.NullAllocator):
+            return  # the caller's own allocator (or ours) is in place
+    except (ImportError, AttributeError):  # private module moved: set ours
+        pass
+    triton.set_allocator(_torch_scratch)
+
+
+def conv1x1_bias_act(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+    precision: str | None = None,
+    out: torch.Tensor | None = None,
+    config: TmaGemmConfig | None = None,
+) -> torch.Tensor:
+    """relu(conv2d(x, w) + bias (+ residual)) for a 1×1 stride-1 conv, as one persistent TMA GEMM.
+
+    x: (N, C_in, H, W) fp32/fp16/bf16, channels_last-contiguous, C_in·itemsize a multiple of 16 B.
+    w: (C_out, C_in, 1, 1), x's dtype, packed with C_out stride 1 (``fastres.fold``).
+    bias: (C_out,) fp32. residual: (N, C_out, H, W), any strides and floating dtype.
+    precision: fp32 dot mode, "tf32" (default, or $FASTRES_FP32_PRECISION) or "ieee".
+    Raises ValueError with ``applicable``'s reason for a conv this tactic cannot run.
+
+    >>> y = conv1x1_bias_act(x, w, b, residual=identity)     # doctest: +SKIP
+    """
+    op = "conv1x1_bias_act"
+    check_tensor(op, "x", x, ndim=4)
+    check_tensor(op, "weight", w, ndim=4, dtype=x.dtype, device=x.device)
+    check_tensor(op, "bias", bias, ndim=1, dtype=torch.float32, device=x.device)
+    tl_dtype_ok(op, x.dtype)
+    batch, c_in, h, wd = x.shape
+    c_out = w.shape[0]
+    if bias.shape[0] != c_out:
+        raise ValueError(f"{op}: bias has {bias.shape[0]} entries, expected C_out={c_out}")
+    why = applicable(x, w)
+    if why is not None:
+        raise ValueError(f"{op}: {why}")
+    if residual is not None:
+        check_tensor(op, "residual", residual, ndim=4, device=x.device)
+        if tuple(residual.shape) != (batch, c_out, h, wd):
+            raise ValueError(
+                f"{op}: residual shape {tuple(residual.shape)} != output shape {(batch, c_out, h, wd)}"
+            )
+    if out is None:
+        out = torch.empty(
+            (batch, c_out, h, wd), device=x.device, dtype=x.dtype, memory_format=torch.channels_last
+        )
+    elif tuple(out.shape) != (batch, c_out, h, wd) or out.dtype != x.dtype:
+        raise ValueError(f"{op}: out must be {(batch, c_out, h, wd)} {x.dtype}")
+    elif out.device != x.device:
+        raise ValueError(f"{op}: out is on {out.device}, expected {x.device}")
+    precision = precision or _default_precision()
+    if precision not in ("tf32", "ieee"):
+        raise ValueError(f"{op}: precision must be 'tf32' or 'ieee', got {precision!r}")
+    m = batch * h * wd
+    if m == 0 or c_out == 0:
+        return out
+    cfg = config or pick_config(m, c_out, c_in, x.dtype)
+    if x.device.type == "cuda":
+        _ensure_allocator()
+        sms = _num_sms(x.device)
+    else:
+        sms = INTERPRET_PROGRAMS
+    res_desc = residual is not None and _is_nhwc_rows(residual) and _aligned(residual, c_out)
+    out_desc = _is_nhwc_rows(out) and _aligned(out, c_out)
+    # Without a residual its pointer is never read: a dedicated dummy (conv.py's reason), out's strides.
+    res = residual if residual is not None else unused_pointer(out)
+    res_strides = residual.stride() if residual is not None else out.stride()
+    round_tf32 = x.dtype == torch.float32 and precision == "tf32" and x.device.type in TF32_ROUND_DEVICE_TYPES
+    grid = (num_programs(cfg, m, c_out, sms),)
+    launchable(_conv1x1_bias_act_fwd_kernel)[grid](
+        x,
+        w,
+        bias,
+        res,
+        out,
+        m,
+        h,
+        wd,
+        c_in,
+        c_out,
+        *res_strides,
+        *out.stride(),
+        HAS_RESIDUAL=residual is not None,
+        RES_DESC=res_desc,
+        OUT_DESC=out_desc,
+        RELU=relu,
+        DOT_PRECISION=precision,
+        ROUND_TF32=round_tf32,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=GROUP_M,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out
