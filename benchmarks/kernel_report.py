@@ -11,6 +11,12 @@ tensor-core use and over-sized shared memory.
 
     python -m benchmarks.kernel_report                       # ResNet-50, batch 1, 2, 32, fp16, sm_90 + sm_80
     python -m benchmarks.kernel_report --archs 90 --out benchmarks/results
+    python -m benchmarks.kernel_report --tactics tma_gemm --archs 90 --batch 32 --dtype bf16
+
+``--tactics`` (default ``gather``) adds rows for other tactics (``kernels/tactics.py``) on the layers
+they apply to: ``tma_gemm`` compiles the persistent descriptor GEMM for the 1×1 stride-1 layers, with
+its grid of min(#SMs, tiles) programs, and the report counts its bulk tensor copies (PTX
+``cp.async.bulk.tensor``, SASS ``UTMALDG``/``UTMASTG``; flag ``NO_TMA`` when absent).
 
 Batches 1 and 2 are in the default set: below M = 128 the heuristic picks other tiles (and, before
 issue 9, 4 warps for a 128-row tile, which spilled). The batch size itself is not specialised
@@ -181,6 +187,73 @@ def launch_args(shape, batch: int, dtype, shortcut=None):
     return args, consts, cfg, grid
 
 
+TACTICS = ("gather", "tma_gemm")
+
+
+def tma_gemm_reason(shape, dtype, shortcut=None) -> str | None:
+    """``kernels.tma_gemm.applicable``'s shape rules for a ConvShape (channels_last x, packed weight)."""
+    from fastres.kernels import tma_gemm
+
+    if shortcut is not None:
+        return "projection shortcut"
+    if (shape.r, shape.s, shape.stride, shape.padding, shape.groups) != (1, 1, 1, 0, 1):
+        return "not 1x1/s1"
+    item = dtype.itemsize
+    if (shape.c * item) % tma_gemm.TMA_ALIGN or (shape.k * item) % tma_gemm.TMA_ALIGN:
+        return "channels not 16-byte aligned"
+    return None
+
+
+def tma_launch_args(shape, batch: int, dtype, sms: int = ARCH_LIMITS[90]["sms"]):
+    """Positional args, constexpr kwargs, config, persistent grid and tile count, as
+    ``conv1x1_bias_act`` would pass them: channels_last x, residual and output (descriptor paths)."""
+    import torch
+    from triton.runtime.jit import MockTensor
+
+    from fastres.kernels import tma_gemm
+
+    n, c, h, w, k = batch, shape.c, shape.h, shape.w, shape.k
+    m = n * h * w
+    cfg = tma_gemm.pick_config(m, k, c, dtype, interpret=False)
+    t = MockTensor(dtype)
+    o_strides = (h * w * k, 1, w * k, k)
+    values = dict(
+        x_ptr=t,
+        w_ptr=t,
+        bias_ptr=MockTensor(torch.float32),
+        res_ptr=t,
+        out_ptr=t,
+        M=m,
+        H=h,
+        W=w,
+        C_IN=c,
+        C_OUT=k,
+    )
+    for prefix in ("r", "o"):
+        values.update({f"stride_{prefix}{d}": v for d, v in zip("nchw", o_strides, strict=True)})
+    consts = dict(
+        HAS_RESIDUAL=shape.has_residual,
+        RES_DESC=shape.has_residual,
+        OUT_DESC=True,
+        RELU=shape.relu,
+        DOT_PRECISION="tf32",
+        ROUND_TF32=dtype == torch.float32,  # fp32 on CUDA: the launcher's TF32_ROUND_DEVICE_TYPES
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=tma_gemm.GROUP_M,
+    )
+    kernel = tma_gemm._conv1x1_bias_act_fwd_kernel
+    names = [a for a in kernel.arg_names if a not in consts]
+    unknown = [a for a in names if a not in values]
+    if unknown:
+        raise RuntimeError(f"kernel_report: tma_gemm has new arguments {unknown}; teach tma_launch_args")
+    import triton
+
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(k, cfg.block_n)
+    return [values[a] for a in names], consts, cfg, tma_gemm.num_programs(cfg, m, k, sms), tiles
+
+
 def specialise(kernel, arch: int, args, consts, cfg):
     """(ASTSource, options, target, cache key) exactly as a launch on ``arch`` would build them."""
     from triton.backends.compiler import GPUTarget
@@ -245,6 +318,8 @@ def _sass_counts(cubin: bytes) -> dict:
         "sass_hmma": len(re.findall(r"\bHMMA\.", sass)),
         "sass_stl": len(re.findall(r"\bSTL\b", sass)),
         "sass_ldl": len(re.findall(r"\bLDL\b", sass)),
+        "sass_utmaldg": len(re.findall(r"\bUTMALDG\b", sass)),
+        "sass_utmastg": len(re.findall(r"\bUTMASTG\b", sass)),
         "sass_ok": out.returncode == 0 and bool(sass.strip()),
     }
 
@@ -290,6 +365,7 @@ def analyse(ck, arch: int, num_warps: int) -> dict:
         "shared_bytes": int(ck.metadata.shared),
         "ptx_wgmma": ptx.count("wgmma.mma_async"),
         "ptx_mma_sync": ptx.count("mma.sync"),
+        "ptx_tma": ptx.count("cp.async.bulk.tensor"),
         "ptx_global_loads": global_load_widths(ptx),
         **_ptxas_info(ptx, arch_name),
         **_sass_counts(ck.asm["cubin"]),
@@ -324,11 +400,13 @@ def build_report(
     layers=None,
     progress=print,
     specialise_sizes: bool = False,
+    tactics: tuple[str, ...] = ("gather",),
 ) -> dict:
     """Compile every distinct conv layer of ``model`` for each arch and batch; one record per
     (layer, arch, batch). Batches with the same config share a compile (sizes are not specialised).
     ``specialise_sizes``: compile a copy of the kernel without ``do_not_specialize``, as Triton would
-    specialise it by default, to measure what not specialising costs (benchmarks/NOTES.md)."""
+    specialise it by default, to measure what not specialising costs (benchmarks/NOTES.md).
+    ``tactics``: also compile these tactics on the layers they apply to (one record each, ``tactic``)."""
     import triton
 
     ensure_fastres()
@@ -349,48 +427,73 @@ def build_report(
     cache: dict = {}
     records = []
     t_all = time.monotonic()
+    unknown = [t for t in tactics if t not in TACTICS]
+    if unknown:
+        raise ValueError(f"kernel_report: unknown tactic(s) {unknown}; known: {', '.join(TACTICS)}")
     for arch, batch, li in ((a, b, li) for a in archs for b in batches for li in infos):
         shape = li.shape
         shortcut = getattr(li, "shortcut", None)
-        args, consts, cfg, grid = launch_args(shape, batch, dtype, shortcut=shortcut)
-        src, options, target, key = specialise(kernel, arch, args, consts, cfg)
-        t0 = time.monotonic()
-        hit = key in cache
-        if not hit:
-            ck = triton.compile(src, target=target, options=options.__dict__)
-            cache[key] = analyse(ck, arch, cfg.num_warps)
-        info = cache[key]
-        lim = ARCH_LIMITS[arch]
-        waves = grid / max(1, info["blocks_per_sm"] * lim["sms"])
-        rec = {
-            "layer": li.name if shortcut is not None else shape.name,
-            "class": layer_class(shape) + (" +shortcut" if shortcut is not None else ""),
-            "count": li.count,
-            "arch": arch,
-            "batch": batch,
-            "dtype": dtype_name,
-            "gemm_mnk": list(shape.gemm(batch)),
-            "grid": grid,
-            "waves": round(waves, 2),
-            "config": {
-                "block_m": cfg.block_m,
-                "block_n": cfg.block_n,
-                "block_k": cfg.block_k,
-                "num_warps": cfg.num_warps,
-                "num_stages": cfg.num_stages,
-                "flat_k": consts["FLAT_K"],
-            },
-            "compile_s": round(time.monotonic() - t0, 2),
-            "cached": hit,
-            **info,
-        }
-        records.append(rec)
-        progress(
-            f"  sm_{arch} b{batch:<3} {shape.name:<34} regs {info['regs']!s:>4} "
-            f"spill {info['spill_store_bytes']!s:>5}B "
-            f"smem {info['shared_bytes'] // 1024:>4}KiB {info['tensor_core']:<8} occ "
-            f"{info['occupancy']:.2f} {' '.join(info['flags'])}{' (cached)' if hit else ''}"
-        )
+        for tactic in tactics:
+            if tactic == "gather":
+                args, consts, cfg, grid = launch_args(shape, batch, dtype, shortcut=shortcut)
+                tiles, compiled = grid, kernel
+            else:
+                # The copy engine and the descriptors are sm_90's; other layers are gather's alone.
+                if arch < 90 or tma_gemm_reason(shape, dtype, shortcut) is not None:
+                    continue
+                sms = ARCH_LIMITS[arch]["sms"]
+                args, consts, cfg, grid, tiles = tma_launch_args(shape, batch, dtype, sms)
+                from fastres.kernels import tma_gemm
+
+                compiled = tma_gemm._conv1x1_bias_act_fwd_kernel
+            src, options, target, key = specialise(compiled, arch, args, consts, cfg)
+            t0 = time.monotonic()
+            hit = key in cache
+            if not hit:
+                ck = triton.compile(src, target=target, options=options.__dict__)
+                cache[key] = analyse(ck, arch, cfg.num_warps)
+            info = dict(cache[key])
+            lim = ARCH_LIMITS[arch]
+            if tactic == "gather":
+                waves = grid / max(1, info["blocks_per_sm"] * lim["sms"])
+            else:
+                # Persistent: one program per SM walks tiles / programs tiles (the fraction is the tail).
+                waves = tiles / grid
+                if not (info["ptx_tma"] and info["sass_utmaldg"]):
+                    info["flags"] = [*info["flags"], "NO_TMA"]
+            rec = {
+                "layer": li.name if shortcut is not None else shape.name,
+                "class": layer_class(shape) + (" +shortcut" if shortcut is not None else ""),
+                "tactic": tactic,
+                "count": li.count,
+                "arch": arch,
+                "batch": batch,
+                "dtype": dtype_name,
+                "gemm_mnk": list(shape.gemm(batch)),
+                "grid": grid,
+                "tiles": tiles,
+                "waves": round(waves, 2),
+                "config": {
+                    "block_m": cfg.block_m,
+                    "block_n": cfg.block_n,
+                    "block_k": cfg.block_k,
+                    "num_warps": cfg.num_warps,
+                    "num_stages": cfg.num_stages,
+                    "flat_k": consts.get("FLAT_K", False),
+                },
+                "compile_s": round(time.monotonic() - t0, 2),
+                "cached": hit,
+                **info,
+            }
+            records.append(rec)
+            label = "" if tactic == "gather" else f" [{tactic}]"
+            progress(
+                f"  sm_{arch} b{batch:<3} {shape.name + label:<44} regs {info['regs']!s:>4} "
+                f"spill {info['spill_store_bytes']!s:>5}B "
+                f"smem {info['shared_bytes'] // 1024:>4}KiB {info['tensor_core']:<8} occ "
+                f"{info['occupancy']:.2f} tma {info['ptx_tma']} {' '.join(info['flags'])}"
+                f"{' (cached)' if hit else ''}"
+            )
     return {
         "env": env_info(),
         "args": {
@@ -400,6 +503,7 @@ def build_report(
             "archs": list(archs),
             "image": image,
             "specialise_sizes": specialise_sizes,
+            "tactics": list(tactics),
         },
         "limits": ARCH_LIMITS,
         "distinct_compiles": len(cache),
@@ -411,21 +515,29 @@ def build_report(
 def to_markdown(doc: dict) -> str:
     a = doc["args"]
     batches = a["batch"] if isinstance(a["batch"], list) else [a["batch"]]
+    # The tactic and TMA columns appear when a tactic other than gather is in the report.
+    multi = any(r.get("tactic", "gather") != "gather" for r in doc["records"])
+    head = "| arch | batch | layer | class | " + ("tactic | " if multi else "")
+    head += "config (BMxBNxBK w/s) | regs | spill B | smem KiB | tensor core | "
+    head += "TMA (PTX/UTMALDG/UTMASTG) | " if multi else ""
     lines = [
         f"### Kernel report: {a['model']} at {a['image']}, batch {', '.join(map(str, batches))}, "
         f"{a['dtype']} (compiled on the CPU, triton {doc['env']['triton']})",
         "",
-        "| arch | batch | layer | class | config (BMxBNxBK w/s) | regs | spill B | smem KiB | tensor core | "
-        "occupancy | waves | flags |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        head + "occupancy | waves | flags |",
+        "|---" * (12 + 2 * multi) + "|",
     ]
     for r in doc["records"]:
         c = r["config"]
+        tactic = f"{r.get('tactic', 'gather')} | " if multi else ""
+        tc = r["tensor_core"] + (
+            f" | {r.get('ptx_tma', 0)}/{r.get('sass_utmaldg', 0)}/{r.get('sass_utmastg', 0)}" if multi else ""
+        )
         lines.append(
-            f"| sm_{r['arch']} | {r['batch']} | {r['layer']} | {r['class']} | "
+            f"| sm_{r['arch']} | {r['batch']} | {r['layer']} | {r['class']} | {tactic}"
             f"{c['block_m']}x{c['block_n']}x{c['block_k']} "
             f"{c['num_warps']}/{c['num_stages']} | {r['regs']} | {r['spill_store_bytes']} | "
-            f"{r['shared_bytes'] / 1024:.0f} | {r['tensor_core']} | {r['occupancy']:.2f} "
+            f"{r['shared_bytes'] / 1024:.0f} | {tc} | {r['occupancy']:.2f} "
             f"({r['limited_by']}) | {r['waves']} | {' '.join(r['flags']) or '-'} |"
         )
     flagged = sorted({(r["arch"], f) for r in doc["records"] for f in r["flags"]})
@@ -447,6 +559,11 @@ def main(argv=None) -> int:
         "--specialise-sizes",
         action="store_true",
         help="compile without do_not_specialize (Triton's default) to compare the generated code",
+    )
+    ap.add_argument(
+        "--tactics",
+        default="gather",
+        help="comma list of tactics to compile (gather, tma_gemm); each on the layers it applies to",
     )
     ap.add_argument("--only", default=None, help="comma list of layer names (as shapes.py prints them)")
     ap.add_argument("--out", default=None, help="folder or .json path (default benchmarks/results/)")
@@ -481,6 +598,7 @@ def main(argv=None) -> int:
         tuple(int(a) for a in args.archs.split(",")),
         layers=layers,
         specialise_sizes=args.specialise_sizes,
+        tactics=tuple(t.strip() for t in args.tactics.split(",") if t.strip()),
     )
     path = write_run(doc, args.out, "kernel_report")
     md = Path(args.md) if args.md else path.with_suffix(".md")

@@ -252,3 +252,60 @@ def test_batch_sizes_share_one_specialisation():
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(counts) == 8
     assert all(n == 1 for n in counts.values()), counts
+
+
+# Issue 11: the tma_gemm tactic (kernels/tma_gemm.py) beside gather, on a 1×1 stride-1 layer with a residual
+# (descriptor loads of x, w and the residual, descriptor store) and a 3×3 layer it does not apply to.
+TMA_LAYERS = ["256x14x14->1024 1x1/s1+res", "64x56x56->64 3x3/s1"]
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "tf32"])
+def test_tma_gemm_compiles_with_tma_and_wgmma_without_spills(tmp_path, dtype):
+    out = tmp_path / "tma.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "benchmarks.kernel_report", "--archs", "90", "--batch", "32"]
+    cmd += ["--dtype", dtype]
+    proc = subprocess.run(
+        [*cmd, "--tactics", "gather,tma_gemm", "--only", ",".join(TMA_LAYERS), "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    # gather for both layers, tma_gemm only where it applies (not the 3x3).
+    assert [(r["layer"], r["tactic"]) for r in records] == [
+        (TMA_LAYERS[0], "gather"),
+        (TMA_LAYERS[0], "tma_gemm"),
+        (TMA_LAYERS[1], "gather"),
+    ]
+    tma = records[1]
+    assert tma["ptx_tma"] > 0 and tma["sass_utmaldg"] > 0, f"no TMA loads: {tma}"
+    assert tma["sass_utmastg"] > 0, f"the output is not stored through a descriptor: {tma}"
+    assert tma["ptx_wgmma"] > 0 and tma["sass_hgmma"] > 0, f"no wgmma/HGMMA: {tma}"
+    assert tma["spill_store_bytes"] == 0 and tma["spill_load_bytes"] == 0 and tma["sass_stl"] == 0, tma
+    assert 0 < tma["regs"] <= 255 and 0 < tma["shared_bytes"] <= 227 * 1024
+    assert tma["flags"] == []
+    # Persistent grid: one program per SM of the H100 (132), never more than the tiles; here
+    # M = 32·14·14 = 6272 (49 row tiles) × N = 1024 (8 column tiles).
+    assert tma["tiles"] == 49 * 8 and tma["grid"] == 132
+    # The gather kernel has no bulk tensor copies: the column tells them apart.
+    assert records[0]["ptx_tma"] == 0 and records[0]["sass_utmaldg"] == 0
+    md = out.with_suffix(".md").read_text()
+    assert "| tactic |" in md and "| tma_gemm |" in md and "TMA (PTX/UTMALDG/UTMASTG)" in md
+
+
+def test_tma_gemm_reason_follows_the_applicability_rule():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.kernel_report import tma_gemm_reason
+    from benchmarks.shapes import ConvShape
+
+    assert tma_gemm_reason(ConvShape(256, 14, 14, 1024, 1, 1, 1, 0, has_residual=True), torch.float16) is None
+    assert tma_gemm_reason(ConvShape(64, 56, 56, 128, 1, 1, 2, 0), torch.float16) == "not 1x1/s1"
+    assert tma_gemm_reason(ConvShape(64, 56, 56, 64, 3, 3, 1, 1), torch.float16) == "not 1x1/s1"
+    misaligned = tma_gemm_reason(ConvShape(12, 8, 8, 64, 1, 1, 1, 0), torch.float16)  # 24-byte rows
+    assert misaligned == "channels not 16-byte aligned"
+    assert tma_gemm_reason(ConvShape(12, 8, 8, 64, 1, 1, 1, 0), torch.float32) is None
+    assert tma_gemm_reason(ConvShape(64, 8, 8, 64, 1, 1, 1, 0), torch.float16, shortcut=object()) is not None
