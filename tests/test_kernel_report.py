@@ -256,7 +256,7 @@ def test_batch_sizes_share_one_specialisation():
 
 # Issue 11: the tma_gemm tactic (kernels/tma_gemm.py) beside gather, on a 1×1 stride-1 layer with a residual
 # (descriptor loads of x, w and the residual, descriptor store) and a 3×3 layer it does not apply to.
-TMA_LAYERS = ["256x14x14->1024 1x1/s1+res", "64x56x56->64 3x3/s1"]
+TMA_LAYERS = ["256x14x14->1024 1x1/s1+res", "64x56x56->64 3x3/s1", "256x56x56->64 1x1/s1"]
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "tf32"])
@@ -280,6 +280,8 @@ def test_tma_gemm_compiles_with_tma_and_wgmma_without_spills(tmp_path, dtype):
         (TMA_LAYERS[0], "gather"),
         (TMA_LAYERS[0], "tma_gemm"),
         (TMA_LAYERS[1], "gather"),
+        (TMA_LAYERS[2], "gather"),
+        (TMA_LAYERS[2], "tma_gemm"),
     ]
     tma = records[1]
     assert tma["ptx_tma"] > 0 and tma["sass_utmaldg"] > 0, f"no TMA loads: {tma}"
@@ -291,6 +293,10 @@ def test_tma_gemm_compiles_with_tma_and_wgmma_without_spills(tmp_path, dtype):
     # Persistent grid: one program per SM of the H100 (132), never more than the tiles; here
     # M = 32·14·14 = 6272 (49 row tiles) × N = 1024 (8 column tiles).
     assert tma["tiles"] == 49 * 8 and tma["grid"] == 132
+    # A 128×64 tile: two programs per SM, and they fit (registers and shared memory) as the grid assumes.
+    narrow = records[4]
+    assert narrow["config"]["block_n"] == 64 and narrow["grid"] == 2 * 132 and narrow["blocks_per_sm"] >= 2
+    assert narrow["spill_store_bytes"] == 0 and narrow["flags"] == [], narrow
     # The gather kernel has no bulk tensor copies: the column tells them apart.
     assert records[0]["ptx_tma"] == 0 and records[0]["sass_utmaldg"] == 0
     md = out.with_suffix(".md").read_text()

@@ -230,8 +230,11 @@ def test_gpu_config_and_persistent_grid():
     assert pick_config(49, 2048, 512, torch.float32, interpret=False).block_k == 32
     assert pick_config(49, 2048, 512, torch.float32, interpret=False).num_warps == 4
     # 784 × 2 tiles over 132 SMs: one program per SM; 1 × 4 tiles: 4 programs, never an idle one.
-    assert num_programs(cfg, 32 * 56 * 56, 256, 132) == 132
+    assert cfg.programs_per_sm == 1 and num_programs(cfg, 32 * 56 * 56, 256, 132) == 132
     assert num_programs(cfg, 49, 512, 132) == 4
+    # 128×64 tiles: two programs fit on an SM (kernel report), so two per SM.
+    narrow = pick_config(32 * 56 * 56, 64, 256, torch.float16, interpret=False)
+    assert narrow.block_n == 64 and num_programs(narrow, 32 * 56 * 56, 64, 132) == 264
 
 
 # ---- tactic registry ----
