@@ -80,6 +80,31 @@ def pack_weight(w: torch.Tensor) -> torch.Tensor:
     return w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
+def pack_weight_cpu(
+    w: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    input_size: list[int] | None,
+) -> torch.Tensor:
+    """A folded weight in the CPU conv's layout (never the kernel's ``pack_weight`` layout, which oneDNN
+    would reorder on every call). With ``input_size``: oneDNN's blocked format for exactly this conv
+    and input shape, an opaque ``torch._mkldnn`` tensor for ``torch.ops.mkldnn._convolution_pointwise``
+    (what Inductor's CPU freezing makes); a pack made for another spatial size can be 30-200x slower, so
+    callers key it on the input shape. Without: a dense channels_last copy for ``F.conv2d``.
+
+    >>> pack_weight_cpu(w, [1, 1], [1, 1], [1, 1], 1, [8, 64, 56, 56]).is_mkldnn   # doctest: +SKIP
+    True
+    """
+    w = w.detach()
+    if input_size is None:
+        return w.contiguous(memory_format=torch.channels_last)
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        w.contiguous(), padding, stride, dilation, groups, list(input_size)
+    )
+
+
 def bn_fold_reason(bn: nn.Module) -> str | None:
     """Why this norm layer cannot be folded into the conv before it, or None if it can."""
     if FrozenBatchNorm2d is not None and isinstance(bn, FrozenBatchNorm2d):

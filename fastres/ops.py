@@ -3,7 +3,7 @@
 Where each op runs (DESIGN.md, "Where kernels run"):
 - CUDA tensors: the compiled Triton kernel;
 - CPU tensors with TRITON_INTERPRET=1 set before import: the same kernel through Triton's interpreter;
-- other tensors (CPU without the interpreter): a folded PyTorch path (conv with folded weights, add, ReLU).
+- other tensors (CPU without the interpreter): the CPU path, ``fastres.cpu`` (oneDNN fused convs).
 
 On a CUDA build the ops are ``torch.library.triton_op`` so that torch.compile can see into
 them. Under the interpreter they are opaque ``custom_op``s: the interpreter cannot run on the
@@ -13,9 +13,9 @@ fake tensors that tracing through a triton_op would hand it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.library import custom_op, triton_op
 
+from fastres import cpu as _cpu
 from fastres.kernels import conv as _conv
 from fastres.kernels import pool as _pool
 from fastres.kernels._common import INTERPRET
@@ -34,23 +34,11 @@ def _conv_out_shape(x: torch.Tensor, weight: torch.Tensor, stride, padding, dila
     )
 
 
-# The folded PyTorch path for CPU tensors when the interpreter is off. Inside the op bodies (not
+# The CPU path (fastres/cpu.py): CPU tensors when the interpreter is off. Inside the op bodies (not
 # register_kernel) so that tracing through a triton_op on the CPU sees it too. Outputs are
 # channels_last, like the kernels' (the fake implementations promise that layout).
-_CL = torch.channels_last
-
-
 def _torch_path(x: torch.Tensor) -> bool:
     return x.device.type != "cuda" and not INTERPRET
-
-
-def _conv_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu):
-    y = F.conv2d(x.contiguous(memory_format=_CL), weight, bias.to(x.dtype), stride, padding, dilation, groups)
-    if residual is not None:
-        y = y.add_(residual)  # in the conv's dtype whatever the residual's, as eager's `out += identity`
-    if relu:
-        y = torch.relu(y)
-    return y.contiguous(memory_format=_CL)
 
 
 @_define("fastres::conv_bias_act", mutates_args=())
@@ -67,7 +55,7 @@ def conv_bias_act(
 ) -> torch.Tensor:
     """relu?(conv2d(x, weight, stride, padding, dilation, groups) + bias (+ residual))."""
     if _torch_path(x):
-        return _conv_torch(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        return _cpu.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
     return _conv.conv_bias_act(
         x,
         weight,
@@ -107,8 +95,10 @@ def conv_shortcut_bias_act(
     A bottleneck's tail with its projection shortcut in one kernel (``bias`` holds both folded biases).
     """
     if _torch_path(x):
-        y = F.conv2d(shortcut_x.contiguous(memory_format=_CL), shortcut_weight, None, shortcut_stride)
-        return _conv_torch(x, weight, bias, y, stride, padding, dilation, groups, relu)
+        return _cpu.conv_shortcut_bias_act(
+            x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
+            shortcut_stride, relu,
+        )
     return _conv.conv_bias_act(
         x,
         weight,
@@ -137,7 +127,7 @@ def max_pool2d(
 ) -> torch.Tensor:
     """torch.nn.functional.max_pool2d with dilation 1 and floor mode."""
     if _torch_path(x):
-        return F.max_pool2d(x, kernel_size, stride, padding).contiguous(memory_format=_CL)
+        return _cpu.max_pool2d(x, kernel_size, stride, padding)
     return _pool.max_pool2d(x, kernel_size, stride, padding)
 
 
@@ -156,7 +146,7 @@ def _(x, kernel_size, stride, padding):
 def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     """Mean over H, W keeping them as 1×1: (N, C, H, W) → (N, C, 1, 1)."""
     if _torch_path(x):
-        return x.mean(dim=(2, 3), keepdim=True).contiguous(memory_format=_CL)
+        return _cpu.global_avg_pool(x)
     return _pool.global_avg_pool(x)
 
 

@@ -1,0 +1,207 @@
+"""The CPU path: what the ``fastres::`` ops compute on CPU tensors when Triton's interpreter is off.
+
+Folded weights reach the ops in the Triton kernel's layout (C_out stride 1). Handed to ``F.conv2d``
+as they are, oneDNN reorders them on every call (ResNet-50, batch 1, 224²: 42 of 115 ms were those
+copies, benchmarks/NOTES.md). So each op repacks a folded weight once, into the CPU conv's layout
+(``fold.pack_weight_cpu``), and keeps the pack beside that weight:
+
+* fp32 with oneDNN (``torch.backends.mkldnn``): the weight in oneDNN's blocked format for this conv
+  and input shape, and one ``torch.ops.mkldnn._convolution_pointwise`` call per conv that adds the
+  bias, the residual (its ``binary`` variant) and applies the ReLU: what Inductor's CPU freezing
+  emits, without its compile. The projection shortcut of a bottleneck tail runs first; the main conv
+  then accumulates into its output with the add and ReLU fused (the in-place ``binary`` variant).
+* other dtypes, or no oneDNN: ``F.conv2d`` with a dense channels_last copy of the weight, add, ReLU.
+* while tracing (torch.compile, torch.export, any dispatch mode, fake tensors): plain aten ops on the
+  weight as given, so the graph holds no opaque oneDNN tensors and the compiler packs it itself.
+
+The pack cache is keyed on the folded weight *object* (weakly: a pack dies with its weight) and its
+exact state (``_version``, data pointer, dtype, shape, strides), the conv's arguments and, for oneDNN,
+the input shape. ``FoldCache`` makes new folded tensors whenever anything it read changes, so a pack
+is never stale; an in-place edit of a weight handed to the op directly bumps its version and repacks.
+Inference tensors have no version counter: they are packed on every call, never cached.
+
+Outputs are channels_last, as the fake implementations promise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fastres.fold import pack_weight_cpu
+
+_CL = torch.channels_last
+
+_MKL = torch.ops.mkldnn
+# The oneDNN ops Inductor's CPU freezing uses (torch >= 2.1); absent from builds without oneDNN.
+HAS_MKLDNN_OPS = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(_MKL, "_convolution_pointwise")
+    and hasattr(_MKL, "_convolution_pointwise_")
+    and hasattr(_MKL, "_reorder_convolution_weight")
+)
+_broken: list[BaseException] = []  # a oneDNN call that raised (an unexpected build): plain path from then on
+
+# Packs kept per folded weight, one per input shape, most recent first. A pack is input-shape specific
+# (module docstring of fold.pack_weight_cpu); 4 covers a serving batch plus a smaller last batch, and
+# bounds the memory at 4 packed copies of the weights.
+PACKS_PER_WEIGHT = 4
+_packs: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    return (
+        type(x) is not torch.Tensor
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch.compiler.is_compiling()
+    )
+
+
+def use_mkldnn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether this conv runs as one oneDNN fused call: fp32, oneDNN built in and enabled, not tracing.
+    bf16/fp16 stay on ``F.conv2d``: oneDNN's low-precision convs need AVX-512 or AMX, which the
+    machines this was measured on lack (so that path is untested)."""
+    return (
+        HAS_MKLDNN_OPS
+        and not _broken
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and torch.backends.mkldnn.enabled
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+    )
+
+
+def packed_weight(weight, stride, padding, dilation, groups, input_size) -> torch.Tensor:
+    """``fold.pack_weight_cpu(weight, ...)``, cached beside ``weight`` (module docstring)."""
+    if weight.is_inference():
+        return pack_weight_cpu(weight, stride, padding, dilation, groups, input_size)
+    key = (
+        weight._version,
+        weight.data_ptr(),
+        weight.dtype,
+        weight.shape,
+        weight.stride(),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        groups,
+        None if input_size is None else tuple(input_size),
+    )
+    entries = _packs.get(weight)
+    if entries is None:
+        entries = _packs[weight] = []
+    for i, (k, packed) in enumerate(entries):
+        if k == key:
+            if i:
+                entries.insert(0, entries.pop(i))
+            return packed
+    # Pack outside inference mode (the result may serve any later mode) and without autograd.
+    with torch.inference_mode(False), torch.no_grad():
+        packed = pack_weight_cpu(weight, stride, padding, dilation, groups, input_size)
+    # A pack for an older state of this weight is dead: drop it with the shape overflow.
+    entries[:] = [(key, packed)] + [e for e in entries if e[0][:5] == key[:5]][: PACKS_PER_WEIGHT - 1]
+    return packed
+
+
+def _plain(x, weight, bias, residual, stride, padding, dilation, groups, relu, cache: bool):
+    w = packed_weight(weight, stride, padding, dilation, groups, None) if cache else weight.contiguous(
+        memory_format=_CL
+    )
+    b = None if bias is None else bias.to(x.dtype)
+    y = F.conv2d(x.contiguous(memory_format=_CL), w, b, stride, padding, dilation, groups)
+    if residual is not None:
+        y = y.add_(residual)  # in the conv's dtype whatever the residual's, as eager's `out += identity`
+    if relu:
+        y = torch.relu(y)
+    return y.contiguous(memory_format=_CL)
+
+
+def _mkldnn_conv(x, weight, bias, residual, stride, padding, dilation, groups, relu, *, inplace=False):
+    """One oneDNN call: conv + bias (+ residual) (+ ReLU). ``inplace``: accumulate into ``residual``,
+    a tensor of ours (the shortcut's output)."""
+    x = x.contiguous(memory_format=_CL)
+    w = packed_weight(weight, stride, padding, dilation, groups, x.shape)
+    unary = "relu" if relu else None
+    if residual is None:
+        return _MKL._convolution_pointwise(
+            x, w, bias, padding, stride, dilation, groups, unary or "none", [], ""
+        )
+    if inplace:
+        return _MKL._convolution_pointwise_.binary(
+            residual, x, w, bias, padding, stride, dilation, groups, "add", 1.0, unary, [], ""
+        )
+    other = residual.to(x.dtype).contiguous(memory_format=_CL)
+    return _MKL._convolution_pointwise.binary(
+        x, other, w, bias, padding, stride, dilation, groups, "add", None, unary, [], ""
+    )
+
+
+def _fall_back(err: BaseException) -> None:
+    import warnings
+
+    _broken.append(err)
+    warnings.warn(
+        f"fastres: oneDNN's fused conv failed ({type(err).__name__}: {err}); the CPU path uses "
+        "F.conv2d from now on",
+        stacklevel=3,
+    )
+
+
+def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu) -> torch.Tensor:
+    """relu?(conv2d(x, weight) + bias (+ residual)) on the CPU: ``fastres::conv_bias_act``'s CPU body."""
+    if _tracing(x):
+        return _plain(x, weight, bias, residual, stride, padding, dilation, groups, relu, cache=False)
+    if use_mkldnn(x, weight) and (residual is None or residual.shape == _out_shape(x, weight, stride,
+                                                                                   padding, dilation)):
+        try:
+            return _mkldnn_conv(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        except (RuntimeError, NotImplementedError) as err:
+            _fall_back(err)
+    return _plain(x, weight, bias, residual, stride, padding, dilation, groups, relu, cache=True)
+
+
+def conv_shortcut_bias_act(
+    x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups, shortcut_stride, relu
+) -> torch.Tensor:
+    """``fastres::conv_shortcut_bias_act``'s CPU body: the 1×1 projection shortcut first, then the main
+    conv adding bias and shortcut and applying the ReLU as it writes (in place over the shortcut's
+    output on oneDNN)."""
+    one, zero = [1, 1], [0, 0]
+    if _tracing(x):
+        s = F.conv2d(
+            shortcut_x.contiguous(memory_format=_CL), shortcut_weight.contiguous(memory_format=_CL), None,
+            shortcut_stride,
+        )
+        return _plain(x, weight, bias, s, stride, padding, dilation, groups, relu, cache=False)
+    if use_mkldnn(x, weight) and use_mkldnn(shortcut_x, shortcut_weight):
+        try:
+            s = _mkldnn_conv(shortcut_x, shortcut_weight, None, None, shortcut_stride, zero, one, 1, False)
+            if s.shape == _out_shape(x, weight, stride, padding, dilation):
+                return _mkldnn_conv(
+                    x, weight, bias, s, stride, padding, dilation, groups, relu, inplace=True
+                )
+        except (RuntimeError, NotImplementedError) as err:
+            _fall_back(err)
+    s = _plain(shortcut_x, shortcut_weight, None, None, shortcut_stride, zero, one, 1, False, cache=True)
+    return _plain(x, weight, bias, s, stride, padding, dilation, groups, relu, cache=True)
+
+
+def _out_shape(x, weight, stride, padding, dilation) -> torch.Size:
+    h, w = x.shape[-2:]
+    r, s = weight.shape[-2:]
+    return torch.Size((
+        x.shape[0],
+        weight.shape[0],
+        (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) // stride[0] + 1,
+        (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) // stride[1] + 1,
+    ))
+
+
+def max_pool2d(x, kernel_size, stride, padding) -> torch.Tensor:
+    return F.max_pool2d(x, kernel_size, stride, padding).contiguous(memory_format=_CL)
+
+
+def global_avg_pool(x) -> torch.Tensor:
+    return x.mean(dim=(2, 3), keepdim=True).contiguous(memory_format=_CL)
