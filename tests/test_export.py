@@ -99,6 +99,24 @@ def test_onnx_export_is_a_standard_graph_that_onnxruntime_runs(dynamo, tmp_path)
     assert_close(torch.from_numpy(out), ref, **MODEL, what=f"onnxruntime ({'dynamo' if dynamo else 'ts'})")
 
 
+@pytest.mark.xfail(
+    raises=torch.onnx.OnnxExporterError,
+    strict=True,
+    reason="plain torch.onnx.export needs fused_path_ok to return False while torch.onnx.is_in_onnx_export() "
+    "(a modules.py change; until then use fastres.export_onnx). Remove this mark when it lands.",
+)
+def test_plain_torch_onnx_export_of_a_converted_model(tmp_path):
+    pytest.importorskip("onnxscript")
+    onnx = pytest.importorskip("onnx")
+    model, fast = tiny()
+    x = torch.randn(1, 3, 32, 32)
+    path = str(tmp_path / "tiny.onnx")
+    with torch.no_grad():
+        torch.onnx.export(fast, (x,), path, dynamo=True)
+    nodes, domains = onnx_domains(onnx.load(path))
+    assert domains <= {"", "ai.onnx"} and sum(n.op_type == "Conv" for n in nodes) == 12
+
+
 def test_decompose_leaves_no_fastres_op_and_computes_the_model():
     model, fast = tiny()
     x = torch.randn(2, 3, 32, 32)
@@ -111,6 +129,26 @@ def test_decompose_leaves_no_fastres_op_and_computes_the_model():
     assert targets.count("aten.convolution.default") == 12  # tails: main conv + shortcut conv
     with torch.no_grad():
         assert_close(out.module()(x), model(x), **MODEL, what="decomposed program")
+
+
+def test_export_hands_aotinductor_a_graph_without_fastres_ops(monkeypatch, tmp_path):
+    """Under the interpreter the ops are opaque custom_ops: a package holding them fails to load in a
+    process without fastres ("Could not find schema for fastres::conv_bias_act"), so export must
+    decompose them (the CPU path's triton_ops would be decomposed by AOTInductor itself)."""
+    model, fast = tiny()
+    x = torch.randn(1, 3, 32, 32)
+    seen = {}
+
+    def compile_and_package(ep, package_path, inductor_configs):
+        seen.update(ep=ep, configs=inductor_configs)
+        return package_path
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    assert fastres.export(fast, x, tmp_path / "m.pt2") == str(tmp_path / "m.pt2")
+    assert fexport.fastres_nodes(seen["ep"]) == []
+    assert seen["configs"] == {"freezing": True}
+    with torch.no_grad():
+        assert_close(seen["ep"].module()(x), model(x), **MODEL, what="the program given to AOTInductor")
 
 
 def test_export_refuses_a_training_model(tmp_path):
