@@ -103,13 +103,14 @@ def unfused(model: nn.Module) -> nn.Module:
     ``BatchNorm2d``, ``ReLU``, torchvision's blocks, …), sharing every parameter and buffer: the same
     ``state_dict`` keys and tensors, the original computation. ``model`` is left as it is.
 
-    >>> plain = fastres.export.unfused(fast)   # for a tool that must see standard modules  # doctest: +SKIP
+    >>> from fastres.export import unfused   # not fastres.export.unfused: fastres.export is the function
+    >>> plain = unfused(fast)   # for a tool that must see standard modules    # doctest: +SKIP
     """
     new = _copy_sharing_tensors(model)
     if new is None:
         raise TypeError(
             f"fastres: {type(model).__name__} cannot be deep-copied; use "
-            "`with fastres.export.original_computation(model) as m:` instead"
+            "`with original_computation(model) as m:` (from fastres.export) instead"
         )
     _unfuse_in_place(new)
     return new
