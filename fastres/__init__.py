@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "convert": "fastres.converter",
-    "export": "fastres.export",
-    "export_onnx": "fastres.export",
+    "export": "fastres.deploy",
+    "export_onnx": "fastres.deploy",
     "report": "fastres.converter",
     "Report": "fastres.converter",
     "FoldedBatchNorm2d": "fastres.modules",

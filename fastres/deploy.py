@@ -10,8 +10,8 @@
   kernels; elsewhere (the CPU path, or Triton's interpreter, where the ops are opaque) ``decompose``
   first replaces every ``fastres::`` op by its PyTorch computation on the folded weights.
 
-``fastres.export`` is the function; this module is callable too, so ``fastres.export(...)`` works
-whichever of ``import fastres.export`` and ``fastres.export`` came first.
+The module is ``fastres.deploy``, not ``fastres.export``: a submodule named like the function would
+shadow it once imported (DESIGN.md, Layers).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import contextlib
 import copy
 import itertools
 import os
-import sys
-import types
 from collections.abc import Iterator
 
 import torch
@@ -110,7 +108,7 @@ def unfused(model: nn.Module) -> nn.Module:
     if new is None:
         raise TypeError(
             f"fastres: {type(model).__name__} cannot be deep-copied; use "
-            "`with original_computation(model) as m:` (from fastres.export) instead"
+            "`with original_computation(model) as m:` (from fastres.deploy) instead"
         )
     _unfuse_in_place(new)
     return new
@@ -258,14 +256,3 @@ def export(
     return torch._inductor.aoti_compile_and_package(
         ep, package_path=os.fspath(path), inductor_configs=configs
     )
-
-
-class _CallableModule(types.ModuleType):
-    """``import fastres.export`` binds this module to ``fastres.export``, shadowing the function of the
-    same name: calling the module calls the function."""
-
-    def __call__(self, *args, **kwargs):
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
