@@ -21,6 +21,7 @@ the error is cuDNN's (DESIGN.md, Numerics). The precision is part of the cache k
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -161,6 +162,35 @@ def _stamp(t: torch.Tensor | None):
     # Inference tensors have no version counter (reading it raises): identity and data pointer only.
     version = None if t.is_inference() else t._version
     return (version, t.data_ptr(), t.dtype, t.device, tuple(t.shape))
+
+
+_VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
+_META = operator.attrgetter("dtype", "device", "shape")
+
+
+class TensorStamps:
+    """``_stamp`` of a fixed tuple of tensors, taken with C-level loops (``map``) instead of one Python call
+    per tensor: a launch plan checks every tensor its folds read on each forward (DESIGN.md, The hot
+    path). Same fields as ``_stamp``: version (none for inference tensors), data pointer, dtype, device,
+    shape; identity is the caller's to check (it fetches the tensors from their modules)."""
+
+    __slots__ = ("tensors", "versioned", "value")
+
+    def __init__(self, tensors) -> None:
+        self.tensors = tuple(t for t in tensors if t is not None)
+        self.versioned = tuple(t for t in self.tensors if not t.is_inference())
+        self.value = self._now()
+
+    def _now(self) -> tuple:
+        return (
+            list(map(_VERSION, self.versioned)),
+            list(map(_DATA_PTR, self.tensors)),
+            list(map(_META, self.tensors)),
+        )
+
+    def unchanged(self) -> bool:
+        return self._now() == self.value
 
 
 class FoldCache:

@@ -17,6 +17,7 @@ gradients to every parameter), since fused training kernels do not exist yet.
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -24,7 +25,16 @@ import torch.fx
 from torch import nn
 
 from fastres import ops
-from fastres.fold import FoldCache, bn_fold_reason, conv_bn_tensors, fold_conv_bn
+from fastres.fold import (
+    FoldCache,
+    TensorStamps,
+    bn_fold_reason,
+    conv_bn_tensors,
+    fold_conv_bn,
+    fp32_precision,
+)
+from fastres.kernels import conv as _conv
+from fastres.kernels import pool as _pool
 from fastres.kernels._common import INTERPRET, SUPPORTED_DTYPES
 
 try:
@@ -99,6 +109,113 @@ def _fx_leaf(module: nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
     return tracer.create_proxy("call_module", tracer.path_of_module(module), (x,), {})
 
 
+# --------------------------------------------------------------------------------------------
+# Launch plans (DESIGN.md, The hot path): module → plan → kernel.
+
+# Device types whose fused forward launches Triton kernels (the plan's ConvLaunch / PoolLaunch); the CPU
+# path (interpreter off) runs inside the ops. benchmarks/host_overhead.py adds "cpu" to measure the CUDA
+# path's host work on CPU tensors.
+KERNEL_DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
+
+_TRAINING = operator.attrgetter("training")
+_EPS = operator.attrgetter("eps")
+_CHILDREN = operator.attrgetter("_modules")
+
+
+def _tracing() -> bool:
+    """Whether a forward is being traced or dispatched (torch.compile / export, jit.trace, make_fx,
+    FakeTensorMode and other dispatch modes): then the ``torch.ops.fastres`` ops must be called, and a
+    launch plan (real tensors, direct launches) must not."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._get_tracing_state() is not None
+        or torch._C._len_torch_dispatch_stack() > 0
+    )
+
+
+def _plannable(x) -> bool:
+    """A fused forward on ``x`` may build or use a launch plan (else it calls the ops)."""
+    return type(x) is torch.Tensor and x.device.type in KERNEL_DEVICE_TYPES and not _tracing()
+
+
+def _sources(conv: nn.Module, bn: nn.Module | None) -> list[tuple[dict, str]] | None:
+    """Where each tensor of ``conv_bn_tensors(conv, bn)`` lives (its module's ``_parameters`` or
+    ``_buffers`` dict and name), so that a plan fetches them again with one C-level loop; None if one
+    is not a registered parameter or buffer (a plan then cannot see it replaced: no plan)."""
+    owners = [(conv, "weight"), (conv, "bias")]
+    if bn is not None:
+        owners += [(bn, "weight"), (bn, "bias"), (bn, "running_mean"), (bn, "running_var")]
+    out = []
+    for (module, name), tensor in zip(owners, conv_bn_tensors(conv, bn), strict=True):
+        where = module._parameters if name in module._parameters else module._buffers
+        if where.get(name) is not tensor or (tensor is None and name not in where):
+            return None
+        out.append((where, name))
+    return out
+
+
+class _Plan:
+    """What a fused module decided on its first fused call, kept while it holds: the input signature it
+    was made for, the tensors its folds read (identity, fetched again from their modules; their stamps)
+    and every eps, the module tree and precision; ``run(x)`` launches the prepared kernels.
+
+    ``ready(x)`` is the whole per-forward check of the fast path: no gradient mode, no tracing, no
+    autocast, nothing in training mode, the same signature (dtype, shape, strides, device, 16-byte
+    alignment: what Triton specialised on) and folds that are not stale."""
+
+    __slots__ = (
+        "run", "shape", "stride", "dtype", "device", "device_type", "aligned", "precision", "modules",
+        "trees", "children", "dicts", "names", "tensors", "stamps", "bns", "eps", "output_size",
+    )
+
+    def __init__(self, run, x: torch.Tensor, modules, trees, pairs, sources) -> None:
+        self.run = run
+        self.shape, self.stride, self.dtype, self.device = x.shape, x.stride(), x.dtype, x.device
+        self.device_type = x.device.type
+        self.aligned = x.data_ptr() % 16 == 0
+        self.precision = fp32_precision()
+        self.modules = tuple(modules)  # every module whose training flag the decision reads
+        self.trees = tuple(trees)  # modules whose children must stay the same objects
+        self.children = [tuple(m._modules.values()) for m in self.trees]
+        self.dicts = [d for d, _ in sources]
+        self.names = [n for _, n in sources]
+        self.tensors = [d.get(n) for d, n in sources]
+        self.stamps = TensorStamps(self.tensors)
+        self.bns = [bn for _, bn in pairs if bn is not None]
+        self.eps = list(map(_EPS, self.bns))
+
+    def matches(self, x: torch.Tensor) -> bool:
+        """Same signature, and every fold the plan holds is still what a fold now would give."""
+        return (
+            x.dtype is self.dtype
+            and x.shape == self.shape
+            and x.stride() == self.stride
+            and x.device == self.device
+            and (x.data_ptr() % 16 == 0) is self.aligned
+            and fp32_precision() == self.precision
+            and all(map(operator.is_, map(dict.get, self.dicts, self.names), self.tensors))
+            and self.stamps.unchanged()
+            and list(map(_EPS, self.bns)) == self.eps
+            and [tuple(d.values()) for d in map(_CHILDREN, self.trees)] == self.children
+        )
+
+    def __deepcopy__(self, memo):
+        return None  # a copy plans again from its own tensors
+
+    def __reduce__(self):
+        return (type(None), ())  # pickled as None, like FoldCache's state
+
+    def ready(self, x) -> bool:
+        return (
+            type(x) is torch.Tensor
+            and not torch.is_grad_enabled()
+            and not _tracing()
+            and not torch.is_autocast_enabled(self.device_type)
+            and not any(map(_TRAINING, self.modules))
+            and self.matches(x)
+        )
+
+
 def _name(module: nn.Module) -> str:
     return getattr(module, "_fastres_name", None) or type(module).__name__
 
@@ -151,6 +268,42 @@ def _conv_args(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
     return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
 
 
+def _conv_kwargs(conv: nn.Conv2d, relu: bool = True) -> dict:
+    stride, padding, dilation, groups = _conv_args(conv)
+    return dict(stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu)
+
+
+def _chain(launches, tail, *, shortcut: bool = False, projection=None):
+    """A block's run: its first launches in order, then the tail with the block input as the residual,
+    as the accumulated shortcut's input (``shortcut``), or through the projection launch."""
+    first = tuple(launches)
+    if shortcut:
+
+        def run(x):
+            y = x
+            for launch in first:
+                y = launch(y)
+            return tail(y, None, x)
+
+    elif projection is not None:
+
+        def run(x):
+            y = x
+            for launch in first:
+                y = launch(y)
+            return tail(y, projection(x))
+
+    else:
+
+        def run(x):
+            y = x
+            for launch in first:
+                y = launch(y)
+            return tail(y, x)
+
+    return run
+
+
 def conv_fold_reason(conv: nn.Module) -> str | None:
     """Why the fused conv kernel cannot run this conv, or None if it can."""
     if type(conv) not in (nn.Conv2d, FusedConvBNAct2d):
@@ -200,6 +353,7 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         new.__dict__["_bn"] = FoldedBatchNorm2d.wrap(bn, new) if bn is not None else None
         new.__dict__["_act"] = FoldedReLU.wrap(act, new) if act is not None else None
         new.__dict__["_fold"] = FoldCache()
+        new.__dict__["_plan"] = None
         new.__dict__["_source_cls"] = type(conv)  # what report() names as the original
         return new
 
@@ -221,6 +375,9 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         return fused_path_ok(x, self._group_params(), training=training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.__dict__.get("_plan")
+        if plan is not None and plan.ready(x):
+            return plan.run(x)  # the hot path: module → plan → kernel
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x)
         # 4-D only: the BatchNorm2d folded in here rejects unbatched input in eager too.
@@ -228,6 +385,11 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         check_input(self, xc, self.in_channels, self.weight.dtype, self.weight.device, autocast=cast)
         if not self.fuses(xc):
             return super().forward(x)
+        if not cast and _plannable(xc):
+            if plan is None or not plan.matches(xc):
+                plan = self.__dict__["_plan"] = self._make_plan(xc)
+            if plan is not None:
+                return plan.run(xc)
         # Under autocast the fold is made in the autocast dtype (cached like any other dtype), as eager
         # casts the weight; the bias stays fp32 and the kernel accumulates in fp32 as always.
         return self._fused_forward(xc)
@@ -237,6 +399,29 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         return ops.conv_bias_act(
             x, folded.weight, folded.bias, None, *_conv_args(self), self._act is not None
         )
+
+    def _prepare(self, x: torch.Tensor):
+        """(the prepared conv launch, a prototype of its output) for input ``x``."""
+        folded = self._fold_for(self._fold, self, self._bn, x.dtype)
+        stride, padding, dilation, groups = _conv_args(self)
+        return _conv.prepare_conv(
+            x,
+            folded.weight,
+            folded.bias,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            relu=self._act is not None,
+        )
+
+    def _make_plan(self, x: torch.Tensor) -> _Plan | None:
+        sources = _sources(self, self._bn)
+        if sources is None:
+            return None
+        run, _ = self._prepare(x)
+        modules = (self,) if self._bn is None else (self, self._bn)
+        return _Plan(run, x, modules, (), [(self, self._bn)], sources)
 
     def extra_repr(self) -> str:
         parts = (
@@ -337,6 +522,18 @@ class FusedStem(FusedConvBNAct2d):
         pool = self._pool
         return ops.max_pool2d(y, _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding))
 
+    def _make_plan(self, x: torch.Tensor) -> _Plan | None:
+        plan = super()._make_plan(x)
+        if plan is None or self._pool is None:
+            return plan
+        conv, y = self._prepare(x)
+        p = self._pool
+        pool, _ = _pool.prepare_max_pool2d(y, _pair(p.kernel_size), _pair(p.stride), _pair(p.padding))
+        # The pool's settings are read when the plan is made: a plan holds while its module tree does.
+        plan.run = lambda x: pool(conv(x))
+        plan.modules += (p,)
+        return plan
+
     def extra_repr(self) -> str:
         return super().extra_repr() + ("+maxpool" if self._pool is not None else "")
 
@@ -352,6 +549,9 @@ class FusedHead(nn.AdaptiveAvgPool2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.__dict__.get("_plan")
+        if plan is not None and plan.ready(x) and self.output_size is plan.output_size:
+            return plan.run(x)
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x)
         if (
@@ -360,6 +560,12 @@ class FusedHead(nn.AdaptiveAvgPool2d):
             and x.numel() > 0
             and fused_path_ok(x, (), training=False)
         ):
+            if _plannable(x):
+                if plan is None or not plan.matches(x) or self.output_size is not plan.output_size:
+                    run, _ = _pool.prepare_global_avg_pool(x)
+                    plan = self.__dict__["_plan"] = _Plan(run, x, (), (), [], [])
+                    plan.output_size = self.output_size
+                return plan.run(x)
             return ops.global_avg_pool(x)
         return super().forward(x)
 
@@ -391,6 +597,7 @@ class _FusedBlock(_FoldedMixin, nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.__dict__["_folds"] = {}
+        self.__dict__["_plan"] = None
         self.__dict__["_source_cls"] = None
 
     def _cache(self, key: str) -> FoldCache:
@@ -455,6 +662,9 @@ class _FusedBlock(_FoldedMixin, nn.Module):
         return fused_path_ok(x, self.parameters(), training=training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.__dict__.get("_plan")
+        if plan is not None and plan.ready(x):
+            return plan.run(x)  # the hot path: module → plan → kernels
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x)
         conv1 = self.conv1
@@ -462,6 +672,11 @@ class _FusedBlock(_FoldedMixin, nn.Module):
         check_input(self, xc, conv1.in_channels, conv1.weight.dtype, conv1.weight.device, autocast=cast)
         if not self.fuses(xc):
             return self._source_cls.forward(self, x)
+        if not cast and _plannable(xc):
+            if plan is None or not plan.matches(xc):
+                plan = self.__dict__["_plan"] = self._make_plan(xc)
+            if plan is not None:
+                return plan.run(xc)
         out = xc
         for conv_name, bn_name in self._convs[:-1]:
             out = self._cba(out, conv_name, bn_name, relu=True)
@@ -478,6 +693,50 @@ class _FusedBlock(_FoldedMixin, nn.Module):
         return ops.conv_shortcut_bias_act(
             out, weight, bias, x, shortcut_weight, *conv_args, shortcut_stride, True
         )
+
+    def _make_plan(self, x: torch.Tensor) -> _Plan | None:
+        """The block's launches prepared for input ``x``, as the forward below would make them (None
+        when the projection shortcut is an eager module: it is not the plan's to run)."""
+        if self.downsample is not None and not self._downsample_fusable():
+            return None
+        pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._convs]
+        if self.downsample is not None:
+            pairs.append((self.downsample[0], self.downsample[1]))
+        sources = []
+        for conv, bn in pairs:
+            found = _sources(conv, bn)
+            if found is None:
+                return None
+            sources += found
+        launches, y = [], x
+        for conv_name, bn_name in self._convs[:-1]:
+            conv, bn = getattr(self, conv_name), getattr(self, bn_name)
+            folded = self._fold_for(self._cache(conv_name), conv, bn, x.dtype)
+            launch, y = _conv.prepare_conv(y, folded.weight, folded.bias, **_conv_kwargs(conv))
+            launches.append(launch)
+        last = getattr(self, self._convs[-1][0])
+        if self._dual_shortcut():
+            weight, shortcut_weight, bias = self._tail_fold(x.dtype)
+            tail, _ = _conv.prepare_conv(
+                y, weight, bias, shortcut_x=x, shortcut_weight=shortcut_weight,
+                shortcut_stride=list(self.downsample[0].stride), **_conv_kwargs(last),
+            )
+            run = _chain(launches, tail, shortcut=True)
+        else:
+            shortcut = None
+            residual = x
+            if self.downsample is not None:
+                ds = self.downsample
+                folded = self._fold_for(self._cache("downsample"), ds[0], ds[1], x.dtype)
+                kwargs = _conv_kwargs(ds[0], relu=False)
+                shortcut, residual = _conv.prepare_conv(x, folded.weight, folded.bias, **kwargs)
+            conv_name, bn_name = self._convs[-1]
+            folded = self._fold_for(self._cache(conv_name), last, getattr(self, bn_name), x.dtype)
+            kwargs = _conv_kwargs(last)
+            tail, _ = _conv.prepare_conv(y, folded.weight, folded.bias, residual=residual, **kwargs)
+            run = _chain(launches, tail, projection=shortcut)
+        trees = (self,) if self.downsample is None else (self, self.downsample)
+        return _Plan(run, x, tuple(self.modules()), trees, pairs, sources)
 
     def extra_repr(self) -> str:
         shortcut = ""
@@ -524,6 +783,8 @@ def refold(model: nn.Module) -> nn.Module:
     >>> model.conv1.weight.data.mul_(2); fastres.refold(model)           # doctest: +SKIP
     """
     for m in model.modules():
+        if m.__dict__.get("_plan") is not None:
+            m.__dict__["_plan"] = None  # a plan holds the folded tensors it was made with
         fold = m.__dict__.get("_fold")
         if isinstance(fold, FoldCache):
             fold.clear()

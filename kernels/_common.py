@@ -7,6 +7,7 @@ import contextvars
 import os
 
 import torch
+from triton import knobs as _knobs
 from triton.runtime.jit import JITFunction
 
 # Triton reads TRITON_INTERPRET when it is imported; we read the same switch.
@@ -125,6 +126,102 @@ def launchable(kernel):
     if launcher is None:
         launcher = _LAUNCHERS[kernel] = _Launcher(kernel)
     return launcher
+
+
+class BoundLaunch:
+    """One launch of ``kernel`` on ``grid`` prepared once, for a launch plan (DESIGN.md, The hot path).
+
+    Each call passes every kernel argument in parameter order (the runtime ones, then the values of the
+    constexprs named in ``names``): the plan's template with this call's tensors filled in. The caller
+    guarantees that those tensors match the template's (dtype, shape, strides, device, 16-byte
+    alignment), which fixes the specialisation Triton chose on the first launch.
+
+    The first launch goes through ``launchable(kernel)[grid]`` (Triton's binder, cache and compile) and
+    keeps the ``CompiledKernel`` it returns; later ones call that kernel's launcher directly, as
+    ``CompiledKernel.__getitem__`` does in Triton 3.6 to 3.8: no argument binding, specialisation or
+    cache lookup per call. The generic path is taken whenever the bound one could be wrong or unseen:
+    no compiled kernel (interpreter, a Triton without these attributes, a compile request), the kernel
+    or ``launchable`` replaced (``count_launches``, tests), ``compile_only``, Triton's debug or
+    instrumentation knob changed, or pre-run hooks added. Another current CUDA device gets a guard."""
+
+    __slots__ = (
+        "owner", "kernel", "name", "grid", "grid3", "n_runtime", "names", "options", "device", "compiled",
+        "stream", "knobs",
+    )
+
+    def __init__(
+        self, owner, kernel, grid: tuple, n_runtime: int, names: tuple[str, ...], options: dict, device
+    ) -> None:
+        self.owner = owner  # the launcher's module: its ``launchable`` and kernel are looked up per call
+        self.kernel = kernel
+        self.name = getattr(kernel, "__name__", None)
+        self.grid = grid
+        self.grid3 = tuple(grid) + (1,) * (3 - len(grid))
+        self.n_runtime = n_runtime
+        self.names = names
+        self.options = options  # launch options (num_warps, num_stages): not kernel arguments
+        self.device = device
+        self.compiled = None  # the CompiledKernel of the first launch, once bound
+        self.stream = None
+        self.knobs = None
+
+    def _bindable(self) -> bool:
+        return (
+            self.owner.launchable is launchable
+            and not _COMPILE_ONLY.get()
+            and getattr(self.owner, self.name, None) is self.kernel
+            and not self.kernel.pre_run_hooks
+        )
+
+    def __call__(self, args: list) -> None:
+        compiled = self.compiled
+        if compiled is not None and self.knobs == _knob_state() and self._bindable():
+            device = self.device
+            if device.type == "cuda" and _current_cuda_device() != device.index:
+                with device_guard(device):
+                    return self._run(compiled, args)
+            return self._run(compiled, args)
+        n = self.n_runtime
+        consts = dict(zip(self.names, args[n:], strict=True))
+        result = self.owner.launchable(self.kernel)[self.grid](*args[:n], **consts, **self.options)
+        if (
+            isinstance(self.kernel, JITFunction)
+            and self._bindable()
+            and all(hasattr(result, a) for a in ("run", "function", "packed_metadata", "launch_metadata"))
+        ):
+            from triton.runtime.driver import driver
+
+            self.stream = driver.active.get_current_stream
+            self.knobs = _knob_state()
+            self.compiled = result
+        return None
+
+    def _run(self, compiled, args) -> None:
+        grid = self.grid3
+        stream = self.stream(self.device.index or 0)
+        enter = _knobs.runtime.launch_enter_hook
+        metadata = compiled.launch_metadata(self.grid, stream, *args) if enter is not None else None
+        compiled.run(
+            grid[0],
+            grid[1],
+            grid[2],
+            stream,
+            compiled.function,
+            compiled.packed_metadata,
+            metadata,
+            enter,
+            _knobs.runtime.launch_exit_hook,
+            *args,
+        )
+
+
+def _current_cuda_device() -> int:
+    return torch._C._cuda_getDevice()
+
+
+def _knob_state() -> tuple:
+    """Triton settings outside the arguments that enter its kernel-cache key."""
+    return (_knobs.runtime.debug, _knobs.compilation.instrumentation_mode)
 
 
 _UNUSED: dict = {}

@@ -6,11 +6,20 @@ load is a run of contiguous channels (channels_last).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_tensor, launchable, next_pow2, tl_dtype_ok
+from ._common import (  # launchable is looked up here per launch: count_launches patches it
+    INTERPRET,
+    BoundLaunch,
+    check_tensor,
+    launchable,  # noqa: F401
+    next_pow2,
+    tl_dtype_ok,
+)
 from .conv import conv_output_size
 
 # 64 channels × 32 pixels of fp16 is 4 KiB per tap load: enough bytes in flight per program
@@ -126,6 +135,38 @@ def _blocks(rows: int, cols: int, block_rows: int, block_cols: int) -> tuple[int
     return (min(block_rows, max(16, next_pow2(rows))), min(block_cols, max(16, next_pow2(cols))))
 
 
+class PoolLaunch:
+    """A pool launcher prepared once for one input signature (dtype, shape, strides, device, 16-byte
+    alignment: the caller guarantees them, as for ``conv.ConvLaunch``); a call takes the input and
+    returns the output."""
+
+    __slots__ = ("out_shape", "dtype", "device", "template", "bound", "fill")
+
+    def __init__(self, out_shape, dtype, device, template, bound, fill=None) -> None:
+        self.out_shape = out_shape
+        self.dtype = dtype
+        self.device = device
+        self.template = template
+        self.bound = bound  # a BoundLaunch, or None when there is nothing to launch
+        self.fill = fill  # the value of every output element when nothing is launched (None: untouched)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device, memory_format=_CL)
+        if self.bound is None:
+            return out if self.fill is None else out.fill_(self.fill)
+        args = self.template.copy()
+        args[0] = x
+        args[1] = out
+        self.bound(args)
+        return out
+
+
+_CL = torch.channels_last
+_MAX_POOL_CONSTEXPRS = ("KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "BLOCK_P", "BLOCK_C")
+_AVG_POOL_CONSTEXPRS = ("BLOCK_HW", "BLOCK_C")
+
+
 def max_pool2d(
     x: torch.Tensor, kernel_size=3, stride=2, padding=1, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -133,6 +174,15 @@ def max_pool2d(
 
     >>> y = max_pool2d(x, 3, 2, 1)   # the ResNet stem's pool              # doctest: +SKIP
     """
+    launch, out = prepare_max_pool2d(x, kernel_size, stride, padding, out=out)
+    return launch(x, out)
+
+
+def prepare_max_pool2d(
+    x: torch.Tensor, kernel_size=3, stride=2, padding=1, *, out: torch.Tensor | None = None
+) -> tuple[PoolLaunch, torch.Tensor]:
+    """``max_pool2d``'s checks, blocks and arguments for ``x`` as the prototype: the ``PoolLaunch`` and an
+    output for this call."""
     kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
     ph, pw = (padding, padding) if isinstance(padding, int) else tuple(padding)
@@ -145,33 +195,17 @@ def max_pool2d(
     if p < 1 or q < 1:
         raise ValueError(f"max_pool2d: input {h}x{w} is smaller than the {kh}x{kw} window")
     if out is None:
-        out = torch.empty((batch, c, p, q), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+        out = torch.empty((batch, c, p, q), device=x.device, dtype=x.dtype, memory_format=_CL)
     rows = batch * p * q
     if rows == 0 or c == 0:
-        return out
+        return PoolLaunch((batch, c, p, q), x.dtype, x.device, None, None), out
     bp, bc = _blocks(rows, c, POOL_BLOCK_P, POOL_BLOCK_C)
     grid = (triton.cdiv(rows, bp), triton.cdiv(c, bc))
-    launchable(_max_pool2d_fwd_kernel)[grid](
-        x,
-        out,
-        batch,
-        c,
-        h,
-        w,
-        p,
-        q,
-        *x.stride(),
-        *out.stride(),
-        KH=kh,
-        KW=kw,
-        STRIDE_H=sh,
-        STRIDE_W=sw,
-        PAD_H=ph,
-        PAD_W=pw,
-        BLOCK_P=bp,
-        BLOCK_C=bc,
-    )
-    return out
+    runtime = [x, out, batch, c, h, w, p, q, *x.stride(), *out.stride()]
+    template = runtime + [kh, kw, sh, sw, ph, pw, bp, bc]
+    owner = sys.modules[__name__]
+    bound = BoundLaunch(owner, _max_pool2d_fwd_kernel, grid, len(runtime), _MAX_POOL_CONSTEXPRS, {}, x.device)
+    return PoolLaunch((batch, c, p, q), x.dtype, x.device, template, bound), out
 
 
 def global_avg_pool(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,27 +213,29 @@ def global_avg_pool(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torc
 
     >>> feats = global_avg_pool(x).flatten(1)                              # doctest: +SKIP
     """
+    launch, out = prepare_global_avg_pool(x, out=out)
+    return launch(x, out)
+
+
+def prepare_global_avg_pool(
+    x: torch.Tensor, *, out: torch.Tensor | None = None
+) -> tuple[PoolLaunch, torch.Tensor]:
+    """``global_avg_pool``'s checks, blocks and arguments for ``x`` as the prototype."""
     check_tensor("global_avg_pool", "x", x, ndim=4)
     tl_dtype_ok("global_avg_pool", x.dtype)
     batch, c, h, w = x.shape
     if out is None:
-        out = torch.empty((batch, c, 1, 1), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+        out = torch.empty((batch, c, 1, 1), device=x.device, dtype=x.dtype, memory_format=_CL)
+    shape = (batch, c, 1, 1)
     if batch == 0 or c == 0:
-        return out
+        return PoolLaunch(shape, x.dtype, x.device, None, None), out
     if h * w == 0:
-        return out.fill_(float("nan"))  # mean of nothing, as torch gives
+        return PoolLaunch(shape, x.dtype, x.device, None, None, float("nan")), out  # mean of nothing
     bhw, bc = _blocks(h * w, c, AVG_BLOCK_HW, POOL_BLOCK_C)
     grid = (batch, triton.cdiv(c, bc))
-    launchable(_global_avg_pool_fwd_kernel)[grid](
-        x,
-        out,
-        c,
-        h,
-        w,
-        *x.stride(),
-        out.stride(0),
-        out.stride(1),
-        BLOCK_HW=bhw,
-        BLOCK_C=bc,
-    )
-    return out
+    runtime = [x, out, c, h, w, *x.stride(), out.stride(0), out.stride(1)]
+    template = runtime + [bhw, bc]
+    owner = sys.modules[__name__]
+    kernel = _global_avg_pool_fwd_kernel
+    bound = BoundLaunch(owner, kernel, grid, len(runtime), _AVG_POOL_CONSTEXPRS, {}, x.device)
+    return PoolLaunch(shape, x.dtype, x.device, template, bound), out
