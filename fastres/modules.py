@@ -607,9 +607,14 @@ class _FusedBlock(_FoldedMixin, nn.Module):
         return cache
 
     def _cba(self, x, conv_name: str, bn_name: str, *, residual=None, relu: bool = True):
+        conv, _, folded = self._folded(x, conv_name, bn_name)
+        return ops.conv_bias_act(x, folded.weight, folded.bias, residual, *_conv_args(conv), relu)
+
+    def _folded(self, x, conv_name: str, bn_name: str):
+        """(conv, bn, their fold in x's dtype): the ops path and the launch plan fold here alike."""
         conv, bn = getattr(self, conv_name), getattr(self, bn_name)
         folded = self._fold_for(self._cache(conv_name), conv, bn, x.dtype)
-        return ops.conv_bias_act(x, folded.weight, folded.bias, residual, *_conv_args(conv), relu)
+        return conv, bn, folded
 
     def _downsample_fusable(self) -> bool:
         ds = self.downsample
@@ -710,8 +715,7 @@ class _FusedBlock(_FoldedMixin, nn.Module):
             sources += found
         launches, y = [], x
         for conv_name, bn_name in self._convs[:-1]:
-            conv, bn = getattr(self, conv_name), getattr(self, bn_name)
-            folded = self._fold_for(self._cache(conv_name), conv, bn, x.dtype)
+            conv, _, folded = self._folded(x, conv_name, bn_name)
             launch, y = _conv.prepare_conv(y, folded.weight, folded.bias, **_conv_kwargs(conv))
             launches.append(launch)
         last = getattr(self, self._convs[-1][0])
@@ -731,7 +735,7 @@ class _FusedBlock(_FoldedMixin, nn.Module):
                 kwargs = _conv_kwargs(ds[0], relu=False)
                 shortcut, residual = _conv.prepare_conv(x, folded.weight, folded.bias, **kwargs)
             conv_name, bn_name = self._convs[-1]
-            folded = self._fold_for(self._cache(conv_name), last, getattr(self, bn_name), x.dtype)
+            _, _, folded = self._folded(x, conv_name, bn_name)
             kwargs = _conv_kwargs(last)
             tail, _ = _conv.prepare_conv(y, folded.weight, folded.bias, residual=residual, **kwargs)
             run = _chain(launches, tail, projection=shortcut)
