@@ -43,3 +43,9 @@ bench-smoke: venv
 #                      registers, spills, shared memory, occupancy, wgmma/mma (JSON + markdown)
 kernel-report: venv
 	$(PY) -m benchmarks.kernel_report --out benchmarks/results/kernel_report.json
+
+# make bench-cpu     — the CPU path (interpreter off) against eager, channels_last and torch.compile (freezing):
+#                      ResNet-50 fp32, batch {1, 8, 32} x {64², 224²}; JSON in benchmarks/results/cpu/, table printed
+.PHONY: bench-cpu
+bench-cpu: venv
+	env -u TRITON_INTERPRET $(PY) -m benchmarks.bench_cpu --out benchmarks/results/cpu
