@@ -60,6 +60,8 @@ def fused_path_ok(x: torch.Tensor, params, *, training: bool) -> bool:
     """True when the fused kernels compute what the original module would, and no autograd is needed."""
     if training or not isinstance(x, torch.Tensor) or not _device_ok(x):
         return False
+    if torch.onnx.is_in_onnx_export():
+        return False  # both ONNX exporters get the original computation: a standard graph, no custom op
     if _exporting():
         return True  # an exported eval model is an inference graph: fused ops, no autograd
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):

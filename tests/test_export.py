@@ -14,6 +14,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 import fastres
 import fastres.deploy as fexport
+import fastres.testing
 from fastres.modules import FUSED_TYPES
 from fastres.testing import assert_close, randomize_bn
 
@@ -99,22 +100,27 @@ def test_onnx_export_is_a_standard_graph_that_onnxruntime_runs(dynamo, tmp_path)
     assert_close(torch.from_numpy(out), ref, **MODEL, what=f"onnxruntime ({'dynamo' if dynamo else 'ts'})")
 
 
-@pytest.mark.xfail(
-    raises=torch.onnx.OnnxExporterError,
-    strict=True,
-    reason="plain torch.onnx.export needs fused_path_ok to return False while torch.onnx.is_in_onnx_export() "
-    "(a modules.py change; until then use fastres.export_onnx). Remove this mark when it lands.",
-)
-def test_plain_torch_onnx_export_of_a_converted_model(tmp_path):
-    pytest.importorskip("onnxscript")
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_plain_torch_onnx_export_of_a_converted_model(dynamo, tmp_path):
+    """What users already call: the fused modules take their original computation while exporting."""
     onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
     model, fast = tiny()
     x = torch.randn(1, 3, 32, 32)
     path = str(tmp_path / "tiny.onnx")
     with torch.no_grad():
-        torch.onnx.export(fast, (x,), path, dynamo=True)
+        torch.onnx.export(fast, (x,), path, dynamo=dynamo)
     nodes, domains = onnx_domains(onnx.load(path))
     assert domains <= {"", "ai.onnx"} and sum(n.op_type == "Conv" for n in nodes) == 12
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert_close(torch.from_numpy(out), model(x), **MODEL, what="plain torch.onnx.export")
+        with fastres.testing.count_launches() as launches:
+            fast(x)
+    assert launches, "after the export the converted model runs its fused kernels again"
 
 
 def test_decompose_leaves_no_fastres_op_and_computes_the_model():
