@@ -48,7 +48,12 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.shapes import DEFAULT_MODELS, layer_class, unique_layers  # noqa: E402
 
-PROVIDERS = ("fastres", "eager", "cudnn_fused", "compile")
+PROVIDERS = ("fastres", "fastres_tma_gemm", "eager", "cudnn_fused", "compile")
+# The fused kernel each fastres provider must launch exactly once per layer call.
+FUSED_KERNEL = {
+    "fastres": "_conv_bias_act_fwd_kernel",
+    "fastres_tma_gemm": "_conv1x1_bias_act_fwd_kernel",
+}
 # Inductor compiles each layer cold (seconds): none is started with less than this left.
 COMPILE_RESERVE_S = 15
 # DESIGN.md "Numerics", per layer; fp32 here is the GPU's IEEE mode or the interpreter.
@@ -65,6 +70,32 @@ def skip_reason(provider: str, dtype: str, device: str) -> str | None:
         if dtype == "tf32":
             return "tf32 is a GPU tensor-core mode"
     return None
+
+
+def tactic_skip_reason(provider: str, shape, batch: int, dtype_name: str, device: str) -> str | None:
+    """Why a forced-tactic provider cannot run this layer (its applicability rule), or None."""
+    if provider != "fastres_tma_gemm":
+        return None
+    import torch
+
+    from fastres.fold import pack_weight
+    from fastres.kernels import tactics
+
+    # The rule reads shapes, strides, dtype and alignment only: meta tensors of the case's layout.
+    dtype = torch_dtype(dtype_name)
+    x = torch.empty(batch, shape.c, shape.h, shape.w, dtype=dtype, device="meta")
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.empty(shape.k, shape.c // shape.groups, shape.r, shape.s, dtype=dtype, device="meta")
+
+    return tactics.applicable(
+        "tma_gemm",
+        x,
+        pack_weight(w),
+        stride=shape.stride,
+        padding=shape.padding,
+        dilation=shape.dilation,
+        groups=shape.groups,
+    )
 
 
 def make_case(shape, batch: int, dtype_name: str, device: str, seed: int = 0):
@@ -112,6 +143,25 @@ def provider_fn(provider: str, shape, layer, x, res, dtype_name: str):
             groups=shape.groups,
             relu=shape.relu,
             precision=prec,
+        )
+    if provider == "fastres_tma_gemm":  # issue 11's 1x1 tactic, forced, on the layers it applies to
+        from fastres.fold import fold_conv_bn
+        from fastres.kernels import tactics
+
+        prec = fastres_precision(dtype_name)
+        w, b = fold_conv_bn(layer.conv, layer.bn, dtype, precision=prec)
+        return lambda: tactics.conv_bias_act(
+            x,
+            w,
+            b,
+            residual=res,
+            stride=shape.stride,
+            padding=shape.padding,
+            dilation=shape.dilation,
+            groups=shape.groups,
+            relu=shape.relu,
+            precision=prec,
+            tactic="tma_gemm",
         )
     if provider == "cudnn_fused":  # fold from the fp32 layer, as fastres does
         from benchmarks.peers import cudnn_folded_fn
@@ -189,7 +239,9 @@ def run(
                     continue
                 whys = {}
                 for provider in pass_providers:
-                    why = skip_reason(provider, dtype_name, device)
+                    why = skip_reason(provider, dtype_name, device) or tactic_skip_reason(
+                        provider, shape, batch, dtype_name, device
+                    )
                     if why is None and budget.spent(COMPILE_RESERVE_S if provider == "compile" else 0.0):
                         why = "time budget spent"
                     if why:
@@ -225,8 +277,8 @@ def run(
                             err = rel_err(out.float(), ref)
                             tol = LAYER_TOL[dtype_name]
                             rec.update(rel_err=err, tol=tol, correct=bool(err <= tol))
-                            if provider == "fastres":
-                                conv = launches.count_of("_conv_bias_act_fwd_kernel")
+                            if provider in FUSED_KERNEL:
+                                conv = launches.count_of(FUSED_KERNEL[provider])
                                 rec["conv_launches"] = conv
                                 rec["fused"] = conv == 1
                                 if not rec["fused"]:

@@ -40,6 +40,7 @@ def tiny_layers():
         ConvShape(16, 8, 8, 16, 3, 3, 1, 1, has_residual=True),
         ConvShape(3, 16, 16, 16, 7, 7, 2, 3),
         ConvShape(16, 8, 8, 32, 1, 1, 2, 0, relu=False),
+        ConvShape(16, 8, 8, 32, 1, 1, 1, 0, has_residual=True),  # where the tma_gemm tactic applies
     ]
     return [LayerInfo(s, 1, {"tiny": 1}, {"tiny": "smoke"}) for s in shapes]
 
@@ -62,9 +63,16 @@ def validate(kern: dict, models: dict, roof: dict, rendered: dict, combined: Pat
             check(key in d["env"], f"{d['suite']}: env lacks {key}", problems)
     fk = [r for r in kern["records"] if r["provider"] == "fastres"]
     check(
-        len(fk) == 6
+        len(fk) == 8  # 4 tiny layers x fp32, fp16
         and all(r.get("correct") and r.get("median_ms", 0) > 0 and r.get("times_ms") for r in fk),
-        "kernels: 6 fastres records, correct and timed",
+        "kernels: 8 fastres records, correct and timed",
+        problems,
+    )
+    tk = [r for r in kern["records"] if r["provider"] == "fastres_tma_gemm"]
+    check(
+        len(tk) == 2  # the 1x1 stride-1 layer only; the others are skipped with the rule's reason
+        and all(r.get("correct") and r.get("fused") and r.get("median_ms", 0) > 0 for r in tk),
+        "kernels: 2 fastres_tma_gemm records, fused, correct and timed",
         problems,
     )
     check(

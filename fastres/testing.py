@@ -79,7 +79,7 @@ class LaunchLog(list):
 
 @contextlib.contextmanager
 def count_launches():
-    """Record every Triton launch the fastres launchers make (conv and pool kernel families).
+    """Record every Triton launch the fastres launchers make (conv, 1x1 TMA GEMM and pool kernel families).
 
     The benchmarks use it to prove that a "fastres" figure came from the fused kernels, and the tests
     to prove that a path was fused rather than run eagerly. The launch itself still happens.
@@ -90,9 +90,10 @@ def count_launches():
     """
     from fastres.kernels import conv as conv_kernels
     from fastres.kernels import pool as pool_kernels
+    from fastres.kernels import tma_gemm as tma_gemm_kernels
 
     log = LaunchLog()
-    patched = [(mod, mod.launchable) for mod in (conv_kernels, pool_kernels)]
+    patched = [(mod, mod.launchable) for mod in (conv_kernels, pool_kernels, tma_gemm_kernels)]
 
     def counting(original):
         def launchable(kernel):
