@@ -142,6 +142,8 @@ def launch_args(shape, batch: int, dtype, shortcut=None):
         x2_ptr=t,
         w2_ptr=t,
         C_IN2=shortcut.c if shortcut is not None else c,
+        act_a=0.0,
+        act_b=0.0,
     )
     for prefix, strides in (("x", x_strides), ("w", w_strides), ("r", o_strides), ("o", o_strides)):
         dims = "ocrs" if prefix == "w" else "nchw"
@@ -166,7 +168,7 @@ def launch_args(shape, batch: int, dtype, shortcut=None):
         HAS_SHORTCUT=shortcut is not None,
         SC_STRIDE_H=shortcut.stride if shortcut is not None else 1,
         SC_STRIDE_W=shortcut.stride if shortcut is not None else 1,
-        RELU=shape.relu,
+        ACT=1 if shape.relu else 0,  # kernels/_act.ACT_CODES: relu / identity
         FLAT_K=c_in_g < conv.FLAT_K_MAX_CIN,
         DOT_PRECISION="tf32",
         # fp32 on CUDA rounds its outputs to tf32 (the launcher's TF32_ROUND_DEVICE_TYPES)
@@ -228,6 +230,8 @@ def tma_launch_args(shape, batch: int, dtype, sms: int = ARCH_LIMITS[90]["sms"])
         W=w,
         C_IN=c,
         C_OUT=k,
+        act_a=0.0,
+        act_b=0.0,
     )
     for prefix in ("r", "o"):
         values.update({f"stride_{prefix}{d}": v for d, v in zip("nchw", o_strides, strict=True)})
@@ -235,7 +239,7 @@ def tma_launch_args(shape, batch: int, dtype, sms: int = ARCH_LIMITS[90]["sms"])
         HAS_RESIDUAL=shape.has_residual,
         RES_DESC=shape.has_residual,
         OUT_DESC=True,
-        RELU=shape.relu,
+        ACT=1 if shape.relu else 0,  # kernels/_act.ACT_CODES: relu / identity
         DOT_PRECISION="tf32",
         ROUND_TF32=dtype == torch.float32,  # fp32 on CUDA: the launcher's TF32_ROUND_DEVICE_TYPES
         BLOCK_M=cfg.block_m,

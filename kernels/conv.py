@@ -1,8 +1,9 @@
-"""Implicit-GEMM convolution over NHWC with a fused bias / residual / ReLU epilogue.
+"""Implicit-GEMM convolution over NHWC with a fused bias / residual / activation epilogue.
 
 GEMM view: M = N·P·Q output pixels, N = C_out / groups, K = R·S·C_in / groups.
 One program computes a BLOCK_M × BLOCK_N output tile of one group, accumulating in fp32,
-then adds the folded-BN bias and an optional residual tile, applies ReLU and stores once.
+then adds the folded-BN bias and an optional residual tile, applies the activation (``_act``) and
+stores once.
 
 Tensors are addressed through their strides, so any layout works; channels_last
 (channel stride 1) is the one that coalesces, and is what the modules produce.
@@ -20,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._act import _apply_act, act_code
 from ._common import (
     INTERPRET,
     BoundLaunch,
@@ -112,6 +114,8 @@ def _conv_bias_act_fwd_kernel(
     stride_x2w,
     stride_w2o,
     stride_w2c,
+    act_a,  # fp32 activation arguments (_act._apply_act): hardtanh's bounds, leaky ReLU's slope
+    act_b,
     R: tl.constexpr,
     S: tl.constexpr,
     STRIDE_H: tl.constexpr,
@@ -124,7 +128,7 @@ def _conv_bias_act_fwd_kernel(
     HAS_SHORTCUT: tl.constexpr,
     SC_STRIDE_H: tl.constexpr,
     SC_STRIDE_W: tl.constexpr,
-    RELU: tl.constexpr,
+    ACT: tl.constexpr,  # activation code, _act.ACT_CODES
     FLAT_K: tl.constexpr,  # iterate the flattened (r, s, c) K range (small C_in)
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; used by fp32 dots only
     ROUND_TF32: tl.constexpr,  # round the fp32 output to tf32 (nearest even) for the next tf32 dot
@@ -233,7 +237,7 @@ def _conv_bias_act_fwd_kernel(
             )
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-    # Epilogue in fp32: + bias, + residual, ReLU, one store.
+    # Epilogue in fp32: + bias, + residual, activation, one store.
     bias = tl.load(bias_ptr + co, mask=n_mask, other=0.0)
     acc += bias[None, :]
     pq_mask = m_mask[:, None] & n_mask[None, :]
@@ -244,9 +248,7 @@ def _conv_bias_act_fwd_kernel(
             + (co * stride_rc)[None, :]
         )
         acc += tl.load(r_ptrs, mask=pq_mask, other=0.0).to(tl.float32)
-    if RELU:
-        # where(acc < 0, ...) keeps NaN as NaN, as torch.relu does.
-        acc = tl.where(acc < 0.0, 0.0, acc)
+    acc = _apply_act(acc, ACT, act_a, act_b)
     if ROUND_TF32:
         # Round to nearest even on the low 13 mantissa bits (the next layer's tf32 dot drops them);
         # Inf and NaN pass unchanged, the largest finite values round up to Inf as tf32 rounding must.
@@ -327,7 +329,10 @@ def conv_bias_act(
     padding=0,
     dilation=1,
     groups: int = 1,
-    relu: bool = True,
+    act: str = "relu",
+    act_a: float = 0.0,
+    act_b: float = 0.0,
+    relu: bool | None = None,
     shortcut_x: torch.Tensor | None = None,
     shortcut_weight: torch.Tensor | None = None,
     shortcut_stride=1,
@@ -335,7 +340,7 @@ def conv_bias_act(
     out: torch.Tensor | None = None,
     config: ConvConfig | None = None,
 ) -> torch.Tensor:
-    """relu(conv2d(x, weight) + bias (+ residual) (+ conv2d(shortcut_x, shortcut_weight))) in one kernel.
+    """act(conv2d(x, weight) + bias (+ residual) (+ conv2d(shortcut_x, shortcut_weight))) in one kernel.
 
     x: (N, C_in, H, W) fp32/fp16/bf16, any strides (channels_last coalesces).
     weight: (C_out, C_in/groups, R, S), same dtype as x (prepacked by ``fastres.fold``).
@@ -343,6 +348,8 @@ def conv_bias_act(
     shortcut_x, shortcut_weight (C_out, C_in2, 1, 1), shortcut_stride: a projection shortcut, a 1×1
     strided conv accumulated into the same output tile (its folded bias belongs in ``bias``).
     precision: fp32 dot mode, "tf32" (default, or $FASTRES_FP32_PRECISION) or "ieee".
+    act: a name in ``_act.ACT_CODES``, with act_a / act_b its arguments (hardtanh min / max, leaky_relu
+    slope); ``relu=True/False`` is the older spelling of act="relu" / "identity".
 
     >>> y = conv_bias_act(x, w, b, stride=2, padding=1)      # doctest: +SKIP
     """
@@ -355,6 +362,9 @@ def conv_bias_act(
         padding=padding,
         dilation=dilation,
         groups=groups,
+        act=act,
+        act_a=act_a,
+        act_b=act_b,
         relu=relu,
         shortcut_x=shortcut_x,
         shortcut_weight=shortcut_weight,
@@ -419,7 +429,7 @@ _CONV_CONSTEXPRS = (
     "HAS_SHORTCUT",
     "SC_STRIDE_H",
     "SC_STRIDE_W",
-    "RELU",
+    "ACT",
     "FLAT_K",
     "DOT_PRECISION",
     "ROUND_TF32",
@@ -440,7 +450,10 @@ def prepare_conv(
     padding=0,
     dilation=1,
     groups: int = 1,
-    relu: bool = True,
+    act: str = "relu",
+    act_a: float = 0.0,
+    act_b: float = 0.0,
+    relu: bool | None = None,
     shortcut_x: torch.Tensor | None = None,
     shortcut_weight: torch.Tensor | None = None,
     shortcut_stride=1,
@@ -455,6 +468,9 @@ def prepare_conv(
         _pair(padding, "padding"),
         _pair(dilation, "dilation"),
     )
+    if relu is not None:
+        act = "relu" if relu else "identity"
+    code = act_code(act)
     check_tensor("conv_bias_act", "x", x, ndim=4)
     check_tensor("conv_bias_act", "weight", weight, ndim=4, dtype=x.dtype, device=x.device)
     check_tensor("conv_bias_act", "bias", bias, ndim=1, dtype=torch.float32, device=x.device)
@@ -539,7 +555,9 @@ def prepare_conv(
                 padding=padding,
                 dilation=dilation,
                 groups=groups,
-                relu=relu,
+                act=act,
+                act_a=act_a,
+                act_b=act_b,
                 shortcut_x=shortcut_x,
                 shortcut_weight=shortcut_weight,
                 shortcut_stride=sc_stride,
@@ -582,6 +600,8 @@ def prepare_conv(
         *x2.stride(),
         w2.stride(0),
         w2.stride(1),
+        float(act_a),
+        float(act_b),
     ]
     consts = dict(
         R=r,
@@ -596,7 +616,7 @@ def prepare_conv(
         HAS_SHORTCUT=shortcut_x is not None,
         SC_STRIDE_H=sc_stride[0],
         SC_STRIDE_W=sc_stride[1],
-        RELU=relu,
+        ACT=code,
         FLAT_K=c_in_g < FLAT_K_MAX_CIN,
         DOT_PRECISION=precision,
         ROUND_TF32=round_tf32,

@@ -5,7 +5,7 @@ row-major matrix, so a 1×1 stride-1 conv is a plain GEMM with no index arithmet
 
     A = x viewed as [M = N·H·W, K = C_in]      (row stride C_in)
     B = the folded weight viewed as [C_in, C_out]  (``fastres.fold.pack_weight``: C_out stride 1)
-    out[M, C_out] = relu(A @ B + bias (+ residual))
+    out[M, C_out] = act(A @ B + bias (+ residual))
 
 A and B tiles are loaded through 2-D tensor descriptors (``tl.make_tensor_descriptor``: on sm_90 the
 bulk tensor copy engine, ``cp.async.bulk.tensor``; the rows past M and the columns past C_in/C_out come
@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._act import _apply_act, act_code
 from ._common import INTERPRET, check_tensor, launchable, next_pow2, tl_dtype_ok, unused_pointer
 from .conv import TF32_ROUND_DEVICE_TYPES, _default_precision
 
@@ -118,10 +119,12 @@ def _conv1x1_bias_act_fwd_kernel(
     stride_oc,
     stride_oh,
     stride_ow,
+    act_a,  # fp32 activation arguments (_act._apply_act): hardtanh's bounds, leaky ReLU's slope
+    act_b,
     HAS_RESIDUAL: tl.constexpr,
     RES_DESC: tl.constexpr,  # residual is [M, C_OUT] row-major and aligned: load it through a descriptor
     OUT_DESC: tl.constexpr,  # output is [M, C_OUT] row-major and aligned: store it through a descriptor
-    RELU: tl.constexpr,
+    ACT: tl.constexpr,  # activation code, _act.ACT_CODES
     DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; used by fp32 dots only
     ROUND_TF32: tl.constexpr,  # round the fp32 output to tf32 (nearest even) for the next tf32 dot
     BLOCK_M: tl.constexpr,
@@ -169,7 +172,7 @@ def _conv1x1_bias_act_fwd_kernel(
             b = w_desc.load([k0, off_n])
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-        # Epilogue in fp32: + bias, + residual, ReLU, one store.
+        # Epilogue in fp32: + bias, + residual, activation, one store.
         offs_n = off_n + tl.arange(0, BLOCK_N)
         n_mask = offs_n < C_OUT
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
@@ -192,9 +195,7 @@ def _conv1x1_bias_act_fwd_kernel(
                     + (co * stride_rc)[None, :]
                 )
                 acc += tl.load(r_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
-        if RELU:
-            # where(acc < 0, ...) keeps NaN as NaN, as torch.relu does.
-            acc = tl.where(acc < 0.0, 0.0, acc)
+        acc = _apply_act(acc, ACT, act_a, act_b)
         if ROUND_TF32:
             acc = _round_tf32(acc)
         if OUT_DESC:
@@ -348,12 +349,15 @@ def conv1x1_bias_act(
     bias: torch.Tensor,
     *,
     residual: torch.Tensor | None = None,
-    relu: bool = True,
+    act: str = "relu",
+    act_a: float = 0.0,
+    act_b: float = 0.0,
+    relu: bool | None = None,
     precision: str | None = None,
     out: torch.Tensor | None = None,
     config: TmaGemmConfig | None = None,
 ) -> torch.Tensor:
-    """relu(conv2d(x, w) + bias (+ residual)) for a 1×1 stride-1 conv, as one persistent TMA GEMM.
+    """act(conv2d(x, w) + bias (+ residual)) for a 1×1 stride-1 conv, as one persistent TMA GEMM.
 
     x: (N, C_in, H, W) fp32/fp16/bf16, channels_last-contiguous, C_in·itemsize a multiple of 16 B.
     w: (C_out, C_in, 1, 1), x's dtype, packed with C_out stride 1 (``fastres.fold``).
@@ -364,6 +368,9 @@ def conv1x1_bias_act(
     >>> y = conv1x1_bias_act(x, w, b, residual=identity)     # doctest: +SKIP
     """
     op = "conv1x1_bias_act"
+    if relu is not None:
+        act = "relu" if relu else "identity"
+    code = act_code(act)
     check_tensor(op, "x", x, ndim=4)
     check_tensor(op, "weight", w, ndim=4, dtype=x.dtype, device=x.device)
     check_tensor(op, "bias", bias, ndim=1, dtype=torch.float32, device=x.device)
@@ -421,10 +428,12 @@ def conv1x1_bias_act(
         c_out,
         *res_strides,
         *out.stride(),
+        float(act_a),
+        float(act_b),
         HAS_RESIDUAL=residual is not None,
         RES_DESC=res_desc,
         OUT_DESC=out_desc,
-        RELU=relu,
+        ACT=code,
         DOT_PRECISION=precision,
         ROUND_TF32=round_tf32,
         BLOCK_M=cfg.block_m,
