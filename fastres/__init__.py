@@ -22,6 +22,7 @@ _EXPORTS = {
     "Report": "fastres.converter",
     "FoldedBatchNorm2d": "fastres.modules",
     "FoldedMaxPool2d": "fastres.modules",
+    "FoldedAct": "fastres.modules",
     "FoldedReLU": "fastres.modules",
     "FusedBasicBlock": "fastres.modules",
     "FusedBottleneck": "fastres.modules",

@@ -3,7 +3,14 @@
 Patterns, matched parent first:
 - torchvision ``BasicBlock`` / ``Bottleneck`` → ``FusedBasicBlock`` / ``FusedBottleneck``;
 - torchvision ``ResNet`` stem (conv1, bn1, relu, maxpool) → ``FusedStem``; its avgpool → ``FusedHead``;
-- Conv2d → BatchNorm2d (→ ReLU) runs inside an ``nn.Sequential`` → ``FusedConvBNAct2d``.
+- Conv2d → BatchNorm2d (→ activation) runs inside an ``nn.Sequential`` → ``FusedConvBNAct2d``;
+  the torch.fx pass finds the same runs by data flow in any traceable module.
+Activations: any module ``fastres.activations.from_module`` accepts (ReLU, ReLU6/Hardtanh, LeakyReLU,
+SiLU, GELU, Hardswish, Hardsigmoid, Sigmoid, Mish, Identity), in runs, in blocks (``block.relu``) and in
+the stem. An unsupported one (or one with an unsupported argument) stays the eager module, with the
+reason in the report, while the conv and BN before it still fuse. A functional activation after the BN
+(``F.silu(bn(x))``) is reported and left in the model's code: convert swaps modules on the instance and
+does not rewrite a forward, so only the conv + BN fuse there.
 Everything else is left exactly as it was; converting twice changes nothing.
 """
 
@@ -19,6 +26,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from fastres import activations
 from fastres.fold import bn_fold_reason
 from fastres.modules import (
     FUSED_TYPES,
@@ -108,7 +116,21 @@ def _original(module: nn.Module) -> str:
 
 
 def _parts(conv: FusedConvBNAct2d) -> str:
-    return "+".join(["conv", "bn"] + (["relu"] if conv.folded_act is not None else []))
+    return "+".join(["conv", "bn"] + ([conv.act_name()] if conv.folded_act is not None else []))
+
+
+def _already(conv: FusedConvBNAct2d) -> str:
+    """An already fused conv's report detail, with the note convert made on why the activation after
+    it was not fused."""
+    return f"{_parts(conv)}, already fused{conv.__dict__.get('_fastres_act_note', '')}"
+
+
+def _why_not_act(m: nn.Module) -> str:
+    """' (reason)' when ``m`` is an activation the epilogue cannot compute (torch.nn's activation
+    modules, or a supported class with an unsupported argument), else '' (not an activation at all)."""
+    if isinstance(m, activations.SUPPORTED_TYPES) or type(m).__module__ == "torch.nn.modules.activation":
+        return f" ({activations.unsupported_reason(m)})"
+    return ""
 
 
 def _join(prefix: str, name: str) -> str:
@@ -169,7 +191,7 @@ class _Walker:
                         child_path,
                         child,
                         type(child).__name__,
-                        f"{_parts(child)}, already fused",
+                        _already(child),
                         1,
                         original=_original(child),
                     )
@@ -222,8 +244,8 @@ class _Walker:
             )
         else:
             reason = conv_fold_reason(stem) or bn_fold_reason(model.bn1)
-            if reason is None and type(model.relu) is not nn.ReLU:
-                reason = f"stem activation {type(model.relu).__name__} is not ReLU"
+            if reason is None and activations.from_module(model.relu) is None:
+                reason = f"stem activation: {activations.unsupported_reason(model.relu)}"
             if reason is None and not self.allowed(stem, _join(path, "conv1")):
                 reason = "excluded by filter_fn"
             if reason:
@@ -234,7 +256,7 @@ class _Walker:
                 pool = model.maxpool if pool_fuse_reason(model.maxpool) is None else None
                 new = FusedStem.from_modules(stem, model.bn1, model.relu, pool)
                 new._fastres_name = _join(path, "conv1")
-                detail = "conv+bn+relu kernel" + (", max-pool kernel" if pool is not None else "")
+                detail = f"{_parts(new)} kernel" + (", max-pool kernel" if pool is not None else "")
                 self.report.add(_join(path, "conv1"), stem, "FusedStem", detail, convs=1)
                 model.conv1 = new
                 model.bn1 = new.folded_bn
@@ -268,7 +290,7 @@ class _Walker:
                     _join(path, names[i]),
                     conv,
                     type(conv).__name__,
-                    f"{_parts(conv)}, already fused",
+                    _already(conv),
                     1,
                     original=_original(conv),
                 )
@@ -296,13 +318,13 @@ class _Walker:
                 continue
             act = seq._modules[names[i + 2]] if i + 2 < len(names) else None
             act_note = ""
-            if act is not None and type(act) is not nn.ReLU:
-                act_note = f"; {type(act).__name__} after it left as is"
+            if act is not None and activations.from_module(act) is None:
+                act_note = f"; {type(act).__name__} after it left as is" + _why_not_act(act)
                 act = None
             new = FusedConvBNAct2d.from_modules(conv, bn, act)
             new._fastres_name = _join(path, names[i])
-            parts = "conv+bn" + ("+relu" if act is not None else "")
-            self.report.add(_join(path, names[i]), conv, "FusedConvBNAct2d", parts + act_note, convs=1)
+            new.__dict__["_fastres_act_note"] = act_note
+            self.report.add(_join(path, names[i]), conv, "FusedConvBNAct2d", _parts(new) + act_note, convs=1)
             seq._modules[names[i]] = new
             seq._modules[names[i + 1]] = new.folded_bn
             if act is not None:
@@ -371,9 +393,11 @@ def _trace(module: nn.Module) -> torch.fx.Graph:
         return _LeafTracer().trace(module)
 
 
-def _fx_runs(module: nn.Module) -> list[tuple[str, str, str | None]] | None:
-    """(conv, bn, relu-or-None) module paths whose data flow is conv → bn (→ ReLU module) and nothing
-    else, found by tracing ``module`` with torch.fx; None when it cannot be traced."""
+def _fx_runs(module: nn.Module) -> list[tuple[str, str, str | None, str]] | None:
+    """(conv, bn, activation-or-None, note) module paths whose data flow is conv → bn (→ a supported
+    activation module) and nothing else, found by tracing ``module`` with torch.fx; None when it cannot
+    be traced. ``note`` says why an activation after the BN is not fused (unsupported module, or a
+    functional call, which stays in the module's code), else ""."""
     try:
         graph = _trace(module)
     except Exception:  # noqa: BLE001 - any Python the tracer cannot follow: try the children instead
@@ -401,15 +425,37 @@ def _fx_runs(module: nn.Module) -> list[tuple[str, str, str | None]] | None:
         bn = only_user(node, _NORMS)
         if bn is None:
             continue
-        act = only_user(bn, nn.ReLU)
-        if act is not None and type(module.get_submodule(act.target)) is not nn.ReLU:
-            act = None
-        runs.append((node.target, bn.target, act.target if act is not None else None))
+        act, note = only_user(bn, nn.Module), ""
+        if act is not None:
+            m = module.get_submodule(act.target)
+            if activations.from_module(m) is None:
+                why = _why_not_act(m)
+                note = f"; {type(m).__name__} after it left as is{why}" if why else ""
+                act = None
+        else:
+            note = _functional_note(bn)
+        runs.append((node.target, bn.target, act.target if act is not None else None, note))
     return runs
 
 
+def _functional_note(bn: torch.fx.Node) -> str:
+    """The report's note when the BN's sole user is a functional activation (F.relu, torch.sigmoid,
+    ``x.relu()``, …): the call is in the module's forward, which convert does not rewrite."""
+    users = list(bn.users)
+    if len(users) != 1:
+        return ""
+    user = users[0]
+    if user.op == "call_function" and user.target in activations.FUNCTIONAL:
+        name = getattr(user.target, "__name__", str(user.target))
+    elif user.op == "call_method" and user.target in activations.FUNCTIONAL_METHODS:
+        name = f"Tensor.{user.target}"
+    else:
+        return ""
+    return f"; functional activation {name}: conv+bn fused, activation left as is (in the forward's code)"
+
+
 def _fx_pass(walker: _Walker, module: nn.Module, path: str, shared: set[int]) -> None:
-    """Fuse conv → BN (→ ReLU) runs anywhere, by data flow; recurse where tracing fails."""
+    """Fuse conv → BN (→ activation) runs anywhere, by data flow; recurse where tracing fails."""
     if isinstance(module, FUSED_TYPES):
         return
     runs = _fx_runs(module)
@@ -417,7 +463,7 @@ def _fx_pass(walker: _Walker, module: nn.Module, path: str, shared: set[int]) ->
         for name, child in module.named_children():
             _fx_pass(walker, child, _join(path, name), shared)
         return
-    for conv_path, bn_path, act_path in runs:
+    for conv_path, bn_path, act_path, note in runs:
         conv, bn = module.get_submodule(conv_path), module.get_submodule(bn_path)
         act = module.get_submodule(act_path) if act_path else None
         full = _join(path, conv_path)
@@ -439,7 +485,9 @@ def _fx_pass(walker: _Walker, module: nn.Module, path: str, shared: set[int]) ->
             continue
         new = FusedConvBNAct2d.from_modules(conv, bn, act)
         new._fastres_name = full
-        walker.report.add(full, conv, "FusedConvBNAct2d", f"{_parts(new)} (found by torch.fx)", convs=1)
+        new.__dict__["_fastres_act_note"] = note
+        detail = f"{_parts(new)} (found by torch.fx){note}"
+        walker.report.add(full, conv, "FusedConvBNAct2d", detail, convs=1)
         for sub, replacement in ((conv_path, new), (bn_path, new.folded_bn), (act_path, new.folded_act)):
             if sub:
                 parent, _, name = sub.rpartition(".")
@@ -470,7 +518,7 @@ def convert(
 
     ``filter_fn(module, fqn) -> bool`` chooses which candidates to swap. The original model is
     untouched unless ``inplace=True``. ``verbose=True`` prints the report table. ``use_fx``: also
-    find conv → BN (→ ReLU) runs by data flow with torch.fx, in any module it can trace.
+    find conv → BN (→ activation) runs by data flow with torch.fx, in any module it can trace.
     ``example_input``: run ``fastres.warmup`` with it, so every kernel is compiled and every fold
     made before the first real forward.
 

@@ -7,10 +7,14 @@ copies, benchmarks/NOTES.md). So each op repacks a folded weight once, into the 
 
 * fp32 with oneDNN (``torch.backends.mkldnn``): the weight in oneDNN's blocked format for this conv
   and input shape, and one ``torch.ops.mkldnn._convolution_pointwise`` call per conv that adds the
-  bias, the residual (its ``binary`` variant) and applies the ReLU: what Inductor's CPU freezing
-  emits, without its compile. The projection shortcut of a bottleneck tail runs first; the main conv
+  bias, the residual (its ``binary`` variant) and applies the activation where oneDNN has it as a
+  post-op that computes what eager computes (``activations.onednn``; with a residual only ReLU, the
+  post-op Inductor's freezing fuses after an add: other activations and Mish run eagerly after the
+  conv): what Inductor's CPU freezing emits, without its compile. The projection shortcut of a
+  bottleneck tail runs first; the main conv
   then accumulates into its output with the add and ReLU fused (the in-place ``binary`` variant).
-* other dtypes, or no oneDNN: ``F.conv2d`` with a dense channels_last copy of the weight, add, ReLU.
+* other dtypes, or no oneDNN: ``F.conv2d`` with a dense channels_last copy of the weight, add, the
+  activation (``activations.apply``: PyTorch's own function).
 * while tracing (torch.compile, torch.export, any dispatch mode, fake tensors): plain aten ops on the
   weight as given, so the graph holds no opaque oneDNN tensors and the compiler packs it itself.
 
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from fastres import activations
 from fastres.fold import pack_weight_cpu
 
 _CL = torch.channels_last
@@ -105,7 +110,7 @@ def packed_weight(weight, stride, padding, dilation, groups, input_size) -> torc
     return packed
 
 
-def _plain(x, weight, bias, residual, stride, padding, dilation, groups, relu, cache: bool):
+def _plain(x, weight, bias, residual, stride, padding, dilation, groups, act, cache: bool):
     w = packed_weight(weight, stride, padding, dilation, groups, None) if cache else weight.contiguous(
         memory_format=_CL
     )
@@ -113,29 +118,39 @@ def _plain(x, weight, bias, residual, stride, padding, dilation, groups, relu, c
     y = F.conv2d(x.contiguous(memory_format=_CL), w, b, stride, padding, dilation, groups)
     if residual is not None:
         y = y.add_(residual)  # in the conv's dtype whatever the residual's, as eager's `out += identity`
-    if relu:
-        y = torch.relu(y)
+    y = activations.apply(y, *act)
     return y.contiguous(memory_format=_CL)
 
 
-def _mkldnn_conv(x, weight, bias, residual, stride, padding, dilation, groups, relu, *, inplace=False):
-    """One oneDNN call: conv + bias (+ residual) (+ ReLU). ``inplace``: accumulate into ``residual``,
-    a tensor of ours (the shortcut's output)."""
+_NONE = ("identity", 0.0, 0.0)
+
+
+def _mkldnn_conv(x, weight, bias, residual, stride, padding, dilation, groups, act, *, inplace=False):
+    """One oneDNN call: conv + bias (+ residual) (+ the activation where oneDNN fuses it exactly; else
+    PyTorch's function after it). ``inplace``: accumulate into ``residual``, a tensor of ours (the
+    shortcut's output). ``act``: (name, a, b)."""
     x = x.contiguous(memory_format=_CL)
     w = packed_weight(weight, stride, padding, dilation, groups, x.shape)
-    unary = "relu" if relu else None
+    post = activations.onednn(*act)
     if residual is None:
+        if post is None:
+            y = _MKL._convolution_pointwise(x, w, bias, padding, stride, dilation, groups, "none", [], "")
+            return activations.apply(y, *act)
+        attr, scalars, algorithm = post
         return _MKL._convolution_pointwise(
-            x, w, bias, padding, stride, dilation, groups, unary or "none", [], ""
+            x, w, bias, padding, stride, dilation, groups, attr, scalars, algorithm
         )
+    unary = "relu" if act[0] == "relu" else None
     if inplace:
-        return _MKL._convolution_pointwise_.binary(
+        y = _MKL._convolution_pointwise_.binary(
             residual, x, w, bias, padding, stride, dilation, groups, "add", 1.0, unary, [], ""
         )
-    other = residual.to(x.dtype).contiguous(memory_format=_CL)
-    return _MKL._convolution_pointwise.binary(
-        x, other, w, bias, padding, stride, dilation, groups, "add", None, unary, [], ""
-    )
+    else:
+        other = residual.to(x.dtype).contiguous(memory_format=_CL)
+        y = _MKL._convolution_pointwise.binary(
+            x, other, w, bias, padding, stride, dilation, groups, "add", None, unary, [], ""
+        )
+    return y if unary is not None else activations.apply(y, *act)
 
 
 def _fall_back(err: BaseException) -> None:
@@ -149,43 +164,48 @@ def _fall_back(err: BaseException) -> None:
     )
 
 
-def conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu) -> torch.Tensor:
-    """relu?(conv2d(x, weight) + bias (+ residual)) on the CPU: ``fastres::conv_bias_act``'s CPU body."""
+def conv_bias_act(
+    x, weight, bias, residual, stride, padding, dilation, groups, act="relu", act_a=0.0, act_b=0.0
+) -> torch.Tensor:
+    """act(conv2d(x, weight) + bias (+ residual)) on the CPU: ``fastres::conv_bias_act``'s CPU body."""
+    act = (act, float(act_a), float(act_b))
     if _tracing(x):
-        return _plain(x, weight, bias, residual, stride, padding, dilation, groups, relu, cache=False)
+        return _plain(x, weight, bias, residual, stride, padding, dilation, groups, act, cache=False)
     if use_mkldnn(x, weight) and (residual is None or residual.shape == _out_shape(x, weight, stride,
                                                                                    padding, dilation)):
         try:
-            return _mkldnn_conv(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+            return _mkldnn_conv(x, weight, bias, residual, stride, padding, dilation, groups, act)
         except (RuntimeError, NotImplementedError) as err:
             _fall_back(err)
-    return _plain(x, weight, bias, residual, stride, padding, dilation, groups, relu, cache=True)
+    return _plain(x, weight, bias, residual, stride, padding, dilation, groups, act, cache=True)
 
 
 def conv_shortcut_bias_act(
-    x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups, shortcut_stride, relu
+    x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups, shortcut_stride,
+    act="relu", act_a=0.0, act_b=0.0,
 ) -> torch.Tensor:
     """``fastres::conv_shortcut_bias_act``'s CPU body: the 1×1 projection shortcut first, then the main
-    conv adding bias and shortcut and applying the ReLU as it writes (in place over the shortcut's
-    output on oneDNN)."""
+    conv adding bias and shortcut and applying the activation (in place over the shortcut's output on
+    oneDNN)."""
+    act = (act, float(act_a), float(act_b))
     one, zero = [1, 1], [0, 0]
     if _tracing(x):
         s = F.conv2d(
             shortcut_x.contiguous(memory_format=_CL), shortcut_weight.contiguous(memory_format=_CL), None,
             shortcut_stride,
         )
-        return _plain(x, weight, bias, s, stride, padding, dilation, groups, relu, cache=False)
+        return _plain(x, weight, bias, s, stride, padding, dilation, groups, act, cache=False)
     if use_mkldnn(x, weight) and use_mkldnn(shortcut_x, shortcut_weight):
         try:
-            s = _mkldnn_conv(shortcut_x, shortcut_weight, None, None, shortcut_stride, zero, one, 1, False)
+            s = _mkldnn_conv(shortcut_x, shortcut_weight, None, None, shortcut_stride, zero, one, 1, _NONE)
             if s.shape == _out_shape(x, weight, stride, padding, dilation):
                 return _mkldnn_conv(
-                    x, weight, bias, s, stride, padding, dilation, groups, relu, inplace=True
+                    x, weight, bias, s, stride, padding, dilation, groups, act, inplace=True
                 )
         except (RuntimeError, NotImplementedError) as err:
             _fall_back(err)
-    s = _plain(shortcut_x, shortcut_weight, None, None, shortcut_stride, zero, one, 1, False, cache=True)
-    return _plain(x, weight, bias, s, stride, padding, dilation, groups, relu, cache=True)
+    s = _plain(shortcut_x, shortcut_weight, None, None, shortcut_stride, zero, one, 1, _NONE, cache=True)
+    return _plain(x, weight, bias, s, stride, padding, dilation, groups, act, cache=True)
 
 
 def _out_shape(x, weight, stride, padding, dilation) -> torch.Size:

@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastres import ops  # noqa: F401  (registers torch.ops.fastres.*, which decomposition_table names)
+from fastres import (
+    activations,
+    ops,  # noqa: F401  (registers torch.ops.fastres.*, which decomposition_table names)
+)
 from fastres.fold import FoldCache
 from fastres.kernels._common import INTERPRET
 from fastres.modules import FUSED_TYPES, _PassThroughWhenFused
@@ -165,20 +168,20 @@ def export_onnx(model: nn.Module, args, f=None, **kwargs):
 _CL = torch.channels_last
 
 
-def _conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+def _conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, act, act_a, act_b):
     y = F.conv2d(x.contiguous(memory_format=_CL), weight, bias.to(x.dtype), stride, padding, dilation, groups)
     if residual is not None:
         y = (y + residual).to(y.dtype)  # as eager's in-place `out += identity`
-    if relu:
-        y = torch.relu(y)
+    y = activations.apply(y, act, act_a, act_b)
     return y.contiguous(memory_format=_CL)
 
 
 def _conv_shortcut_bias_act(
-    x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups, shortcut_stride, relu
+    x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups, shortcut_stride, act,
+    act_a, act_b,
 ):
     shortcut = F.conv2d(shortcut_x.contiguous(memory_format=_CL), shortcut_weight, None, shortcut_stride)
-    return _conv_bias_act(x, weight, bias, shortcut, stride, padding, dilation, groups, relu)
+    return _conv_bias_act(x, weight, bias, shortcut, stride, padding, dilation, groups, act, act_a, act_b)
 
 
 def _max_pool2d(x, kernel_size, stride, padding):

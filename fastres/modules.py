@@ -7,7 +7,8 @@ Two shapes of replacement, both keeping every ``state_dict`` key of the original
 * A conv → norm → act run among siblings (a ``Sequential``, or ResNet's ``conv1, bn1, relu``)
   is fused into the conv: the conv becomes ``FusedConvBNAct2d`` (an ``nn.Conv2d`` holding the same
   parameters), the norm becomes ``FoldedBatchNorm2d`` (the same buffers and parameters) and the
-  activation ``FoldedReLU``. When the fused path runs, the norm and activation pass their input
+  activation a ``FoldedAct`` of its own class (``FoldedReLU``, ``FoldedSiLU``, …; any activation of
+  ``fastres.activations``). When the fused path runs, the norm and activation pass their input
   through, because the conv already applied them; otherwise each computes exactly what it did.
 
 The fused path runs in eval mode when no gradient is needed; otherwise every module computes
@@ -24,7 +25,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fastres import ops
+from fastres import activations, ops
 from fastres.fold import (
     FoldCache,
     TensorStamps,
@@ -167,10 +168,11 @@ class _Plan:
 
     __slots__ = (
         "run", "shape", "stride", "dtype", "device", "device_type", "aligned", "precision", "modules",
-        "trees", "children", "dicts", "names", "tensors", "stamps", "bns", "eps", "output_size",
+        "trees", "children", "dicts", "names", "tensors", "stamps", "bns", "eps", "output_size", "acts",
+        "act_keys",
     )
 
-    def __init__(self, run, x: torch.Tensor, modules, trees, pairs, sources) -> None:
+    def __init__(self, run, x: torch.Tensor, modules, trees, pairs, sources, acts=()) -> None:
         self.run = run
         self.shape, self.stride, self.dtype, self.device = x.shape, x.stride(), x.dtype, x.device
         self.device_type = x.device.type
@@ -185,6 +187,8 @@ class _Plan:
         self.stamps = TensorStamps(self.tensors)
         self.bns = [bn for _, bn in pairs if bn is not None]
         self.eps = list(map(_EPS, self.bns))
+        self.acts = list(acts)  # activation modules the launches apply: their settings must hold too
+        self.act_keys = list(map(activations.key, self.acts))
 
     def matches(self, x: torch.Tensor) -> bool:
         """Same signature, and every fold the plan holds is still what a fold now would give."""
@@ -198,6 +202,7 @@ class _Plan:
             and all(map(operator.is_, map(dict.get, self.dicts, self.names), self.tensors))
             and self.stamps.unchanged()
             and list(map(_EPS, self.bns)) == self.eps
+            and list(map(activations.key, self.acts)) == self.act_keys
             and [tuple(d.values()) for d in map(_CHILDREN, self.trees)] == self.children
         )
 
@@ -270,9 +275,12 @@ def _conv_args(conv: nn.Conv2d) -> tuple[list[int], list[int], list[int], int]:
     return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
 
 
-def _conv_kwargs(conv: nn.Conv2d, relu: bool = True) -> dict:
+def _conv_kwargs(conv: nn.Conv2d, act: activations.Act) -> dict:
     stride, padding, dilation, groups = _conv_args(conv)
-    return dict(stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu)
+    return dict(
+        stride=stride, padding=padding, dilation=dilation, groups=groups, act=act.name, act_a=act.a,
+        act_b=act.b,
+    )
 
 
 def _chain(launches, tail, *, shortcut: bool = False, projection=None):
@@ -337,10 +345,11 @@ def _retype(module: nn.Module, cls: type) -> nn.Module:
 
 
 class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
-    """A Conv2d that also applies the BatchNorm (and ReLU) after it, in one kernel, in eval.
+    """A Conv2d that also applies the BatchNorm (and activation) after it, in one kernel, in eval.
 
     Holds the original conv's parameters (same ``state_dict`` keys). The norm and activation
-    modules stay where they were, as ``FoldedBatchNorm2d`` / ``FoldedReLU``.
+    modules stay where they were, as ``FoldedBatchNorm2d`` / ``FoldedAct`` (``FoldedReLU``, …).
+    The activation is any module ``fastres.activations.from_module`` accepts.
 
     >>> seq = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
     >>> seq[0] = FusedConvBNAct2d.from_modules(seq[0], seq[1], seq[2])   # doctest: +SKIP
@@ -353,7 +362,9 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         new = _retype(conv, cls)
         # Unregistered references: the norm and act stay registered where they were.
         new.__dict__["_bn"] = FoldedBatchNorm2d.wrap(bn, new) if bn is not None else None
-        new.__dict__["_act"] = FoldedReLU.wrap(act, new) if act is not None else None
+        if act is not None and activations.from_module(act) is None:
+            raise ValueError(f"FusedConvBNAct2d: {activations.unsupported_reason(act)}")
+        new.__dict__["_act"] = FoldedAct.wrap(act, new) if act is not None else None
         new.__dict__["_fold"] = FoldCache()
         new.__dict__["_plan"] = None
         new.__dict__["_source_cls"] = type(conv)  # what report() names as the original
@@ -372,9 +383,14 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         if self._bn is not None:
             yield from self._bn.parameters()
 
+    def act(self) -> activations.Act | None:
+        """The activation the kernel applies (identity without one), as its module is set now; None if
+        it was edited into something the kernel cannot compute (then nothing fuses)."""
+        return activations.from_module(self._act)
+
     def fuses(self, x: torch.Tensor) -> bool:
         training = self.training or (self._bn is not None and self._bn.training)
-        return fused_path_ok(x, self._group_params(), training=training)
+        return fused_path_ok(x, self._group_params(), training=training) and self.act() is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.__dict__.get("_plan")
@@ -398,24 +414,13 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         folded = self._fold_for(self._fold, self, self._bn, x.dtype)
-        return ops.conv_bias_act(
-            x, folded.weight, folded.bias, None, *_conv_args(self), self._act is not None
-        )
+        act = self.act()
+        return ops.conv_bias_act(x, folded.weight, folded.bias, None, *_conv_args(self), *act)
 
     def _prepare(self, x: torch.Tensor):
         """(the prepared conv launch, a prototype of its output) for input ``x``."""
         folded = self._fold_for(self._fold, self, self._bn, x.dtype)
-        stride, padding, dilation, groups = _conv_args(self)
-        return _conv.prepare_conv(
-            x,
-            folded.weight,
-            folded.bias,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            relu=self._act is not None,
-        )
+        return _conv.prepare_conv(x, folded.weight, folded.bias, **_conv_kwargs(self, self.act()))
 
     def _make_plan(self, x: torch.Tensor) -> _Plan | None:
         sources = _sources(self, self._bn)
@@ -423,12 +428,19 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
             return None
         run, _ = self._prepare(x)
         modules = (self,) if self._bn is None else (self, self._bn)
-        return _Plan(run, x, modules, (), [(self, self._bn)], sources)
+        acts = () if self._act is None else (self._act,)
+        return _Plan(run, x, modules, (), [(self, self._bn)], sources, acts)
+
+    def act_name(self) -> str | None:
+        """What the report and repr call the fused activation (None without one)."""
+        if self._act is None:
+            return None
+        act = self.act()
+        return str(act) if act is not None else f"{type(self._act).__name__} (unsupported now)"
 
     def extra_repr(self) -> str:
-        parts = (
-            ["conv"] + (["bn"] if self._bn is not None else []) + (["relu"] if self._act is not None else [])
-        )
+        parts = ["conv"] + (["bn"] if self._bn is not None else [])
+        parts += [self.act_name()] if self._act is not None else []
         return f"{super().extra_repr()}, fused={'+'.join(parts)}"
 
 
@@ -479,11 +491,38 @@ if FrozenBatchNorm2d is not None:
             return f"FoldedFrozenBatchNorm2d({self.weight.shape[0]}, eps={self.eps}, folded into the conv)"
 
 
-class FoldedReLU(_PassThroughWhenFused, nn.ReLU):
-    """The ReLU after a ``FusedConvBNAct2d``: identity while the conv applies it."""
+class FoldedAct(_PassThroughWhenFused):
+    """The activation after a ``FusedConvBNAct2d``: identity while the conv applies it, the original
+    class's forward otherwise. One subclass per supported activation class (``FoldedReLU``,
+    ``FoldedSiLU``, …: module-level names, so a converted model pickles), ``_act_base`` naming it."""
+
+    _act_base: type | None = None
+
+    @classmethod
+    def wrap(cls, module: nn.Module, owner: FusedConvBNAct2d):
+        if isinstance(module, _PassThroughWhenFused):
+            return _PassThroughWhenFused.wrap.__func__(type(module), module, owner)
+        target = _FOLDED_ACTS.get(type(module))
+        if target is None:
+            raise ValueError(f"fastres: {activations.unsupported_reason(module)}")
+        return _PassThroughWhenFused.wrap.__func__(target, module, owner)
 
     def extra_repr(self) -> str:
-        return "fused into the conv before it in eval"
+        base = super().extra_repr()
+        return f"{base + ', ' if base else ''}fused into the conv before it in eval"
+
+
+def _folded_act_class(base: type) -> type:
+    name = f"Folded{base.__name__}"
+    doc = f"The {base.__name__} after a ``FusedConvBNAct2d``: identity while the conv applies it."
+    cls = type(name, (FoldedAct, base), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
+    cls._act_base = base
+    globals()[name] = cls  # pickle finds it by name
+    return cls
+
+
+_FOLDED_ACTS = {base: _folded_act_class(base) for base in activations.SUPPORTED_TYPES}
+FoldedReLU = _FOLDED_ACTS[nn.ReLU]
 
 
 class FoldedMaxPool2d(_PassThroughWhenFused, nn.MaxPool2d):
@@ -608,9 +647,15 @@ class _FusedBlock(_FoldedMixin, nn.Module):
             cache = self._folds[key] = FoldCache()
         return cache
 
-    def _cba(self, x, conv_name: str, bn_name: str, *, residual=None, relu: bool = True):
+    def act(self) -> activations.Act | None:
+        """The block's activation (its ``relu`` child, whatever its class: torchvision's blocks apply it
+        after every conv but the last's BN and after the residual add), or None if the kernels cannot
+        compute it as it is set now (then the block runs its original forward)."""
+        return activations.from_module(self._modules.get("relu"))
+
+    def _cba(self, x, conv_name: str, bn_name: str, act: activations.Act, *, residual=None):
         conv, _, folded = self._folded(x, conv_name, bn_name)
-        return ops.conv_bias_act(x, folded.weight, folded.bias, residual, *_conv_args(conv), relu)
+        return ops.conv_bias_act(x, folded.weight, folded.bias, residual, *_conv_args(conv), *act)
 
     def _folded(self, x, conv_name: str, bn_name: str):
         """(conv, bn, their fold in x's dtype): the ops path and the launch plan fold here alike."""
@@ -661,12 +706,14 @@ class _FusedBlock(_FoldedMixin, nn.Module):
         if self._downsample_fusable():
             ds = self.downsample
             folded = self._fold_for(self._cache("downsample"), ds[0], ds[1], x.dtype)
-            return ops.conv_bias_act(x, folded.weight, folded.bias, None, *_conv_args(ds[0]), False)
+            return ops.conv_bias_act(
+                x, folded.weight, folded.bias, None, *_conv_args(ds[0]), *activations.IDENTITY
+            )
         return self.downsample(x)
 
     def fuses(self, x: torch.Tensor) -> bool:
         training = any(m.training for m in self.modules())
-        return fused_path_ok(x, self.parameters(), training=training)
+        return fused_path_ok(x, self.parameters(), training=training) and self.act() is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.__dict__.get("_plan")
@@ -684,21 +731,22 @@ class _FusedBlock(_FoldedMixin, nn.Module):
                 plan = self.__dict__["_plan"] = self._make_plan(xc)
             if plan is not None:
                 return plan.run(xc)
+        act = self.act()
         out = xc
         for conv_name, bn_name in self._convs[:-1]:
-            out = self._cba(out, conv_name, bn_name, relu=True)
+            out = self._cba(out, conv_name, bn_name, act)
         last_conv, last_bn = self._convs[-1]
         if not self._dual_shortcut():
             # An identity shortcut adds the block input as eager does, in its own dtype (the kernel
             # reads any float residual and adds in fp32); a projection runs in the compute dtype.
             residual = x if self.downsample is None else self._shortcut(xc)
-            return self._cba(out, last_conv, last_bn, residual=residual, relu=True)
+            return self._cba(out, last_conv, last_bn, act, residual=residual)
         x = xc
         weight, shortcut_weight, bias = self._tail_fold(x.dtype)
         shortcut_stride = list(self.downsample[0].stride)
         conv_args = _conv_args(getattr(self, last_conv))
         return ops.conv_shortcut_bias_act(
-            out, weight, bias, x, shortcut_weight, *conv_args, shortcut_stride, True
+            out, weight, bias, x, shortcut_weight, *conv_args, shortcut_stride, *act
         )
 
     def _make_plan(self, x: torch.Tensor) -> _Plan | None:
@@ -715,17 +763,18 @@ class _FusedBlock(_FoldedMixin, nn.Module):
             if found is None:
                 return None
             sources += found
+        act = self.act()
         launches, y = [], x
         for conv_name, bn_name in self._convs[:-1]:
             conv, _, folded = self._folded(x, conv_name, bn_name)
-            launch, y = _conv.prepare_conv(y, folded.weight, folded.bias, **_conv_kwargs(conv))
+            launch, y = _conv.prepare_conv(y, folded.weight, folded.bias, **_conv_kwargs(conv, act))
             launches.append(launch)
         last = getattr(self, self._convs[-1][0])
         if self._dual_shortcut():
             weight, shortcut_weight, bias = self._tail_fold(x.dtype)
             tail, _ = _conv.prepare_conv(
                 y, weight, bias, shortcut_x=x, shortcut_weight=shortcut_weight,
-                shortcut_stride=list(self.downsample[0].stride), **_conv_kwargs(last),
+                shortcut_stride=list(self.downsample[0].stride), **_conv_kwargs(last, act),
             )
             run = _chain(launches, tail, shortcut=True)
         else:
@@ -734,15 +783,15 @@ class _FusedBlock(_FoldedMixin, nn.Module):
             if self.downsample is not None:
                 ds = self.downsample
                 folded = self._fold_for(self._cache("downsample"), ds[0], ds[1], x.dtype)
-                kwargs = _conv_kwargs(ds[0], relu=False)
+                kwargs = _conv_kwargs(ds[0], activations.IDENTITY)
                 shortcut, residual = _conv.prepare_conv(x, folded.weight, folded.bias, **kwargs)
             conv_name, bn_name = self._convs[-1]
             _, _, folded = self._folded(x, conv_name, bn_name)
-            kwargs = _conv_kwargs(last)
+            kwargs = _conv_kwargs(last, act)
             tail, _ = _conv.prepare_conv(y, folded.weight, folded.bias, residual=residual, **kwargs)
             run = _chain(launches, tail, projection=shortcut)
         trees = (self,) if self.downsample is None else (self, self.downsample)
-        return _Plan(run, x, tuple(self.modules()), trees, pairs, sources)
+        return _Plan(run, x, tuple(self.modules()), trees, pairs, sources, (self.relu,))
 
     def extra_repr(self) -> str:
         shortcut = ""
@@ -753,7 +802,9 @@ class _FusedBlock(_FoldedMixin, nn.Module):
             elif self._downsample_fusable():
                 shortcut = ", shortcut=conv+bn kernel"
         n = len(self._convs)
-        return f"fused={n} conv+bn+relu kernels, last with residual add{shortcut}"
+        act = self.act()
+        name = str(act) if act is not None else f"{type(self.relu).__name__} (unsupported now)"
+        return f"fused={n} conv+bn+{name} kernels, last with residual add{shortcut}"
 
 
 class FusedBasicBlock(_FusedBlock):
@@ -775,8 +826,12 @@ def block_fuse_reason(block: nn.Module) -> str | None:
         reason = conv_fold_reason(getattr(block, conv_name)) or bn_fold_reason(getattr(block, bn_name))
         if reason:
             return f"{conv_name}/{bn_name}: {reason}"
-    if type(block.relu) is not nn.ReLU:
-        return f"activation {type(block.relu).__name__} is not ReLU"
+    act = getattr(block, "relu", None)
+    if not isinstance(act, nn.Module):
+        return "no activation module at block.relu"
+    reason = activations.unsupported_reason(act)
+    if reason:
+        return f"activation: {reason}"
     return None
 
 
@@ -809,6 +864,7 @@ __all__ = [
     "FusedBasicBlock",
     "FusedBottleneck",
     "FoldedBatchNorm2d",
+    "FoldedAct",
     "FoldedReLU",
     "FoldedMaxPool2d",
     "check_input",

@@ -51,11 +51,19 @@ def conv_bias_act(
     padding: list[int],
     dilation: list[int],
     groups: int,
-    relu: bool,
+    act: str,
+    act_a: float,
+    act_b: float,
 ) -> torch.Tensor:
-    """relu?(conv2d(x, weight, stride, padding, dilation, groups) + bias (+ residual))."""
+    """act(conv2d(x, weight, stride, padding, dilation, groups) + bias (+ residual)).
+
+    act: a name of ``fastres.kernels._act.ACT_CODES`` ("relu", "identity", "silu", …); act_a / act_b its
+    arguments (hardtanh min / max, leaky_relu slope; 0.0 otherwise).
+    """
     if _torch_path(x):
-        return _cpu.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+        return _cpu.conv_bias_act(
+            x, weight, bias, residual, stride, padding, dilation, groups, act, act_a, act_b
+        )
     return _conv.conv_bias_act(
         x,
         weight,
@@ -65,12 +73,14 @@ def conv_bias_act(
         padding=padding,
         dilation=dilation,
         groups=groups,
-        relu=relu,
+        act=act,
+        act_a=act_a,
+        act_b=act_b,
     )
 
 
 @conv_bias_act.register_fake
-def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+def _(x, weight, bias, residual, stride, padding, dilation, groups, act, act_a, act_b):
     return x.new_empty(_conv_out_shape(x, weight, stride, padding, dilation)).to(
         memory_format=torch.channels_last
     )
@@ -88,16 +98,18 @@ def conv_shortcut_bias_act(
     dilation: list[int],
     groups: int,
     shortcut_stride: list[int],
-    relu: bool,
+    act: str,
+    act_a: float,
+    act_b: float,
 ) -> torch.Tensor:
-    """relu?(conv2d(x, weight, ...) + conv2d(shortcut_x, shortcut_weight (1×1), shortcut_stride) + bias).
+    """act(conv2d(x, weight, ...) + conv2d(shortcut_x, shortcut_weight (1×1), shortcut_stride) + bias).
 
     A bottleneck's tail with its projection shortcut in one kernel (``bias`` holds both folded biases).
     """
     if _torch_path(x):
         return _cpu.conv_shortcut_bias_act(
             x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
-            shortcut_stride, relu,
+            shortcut_stride, act, act_a, act_b,
         )
     return _conv.conv_bias_act(
         x,
@@ -107,7 +119,9 @@ def conv_shortcut_bias_act(
         padding=padding,
         dilation=dilation,
         groups=groups,
-        relu=relu,
+        act=act,
+        act_a=act_a,
+        act_b=act_b,
         shortcut_x=shortcut_x,
         shortcut_weight=shortcut_weight,
         shortcut_stride=shortcut_stride,
@@ -115,7 +129,10 @@ def conv_shortcut_bias_act(
 
 
 @conv_shortcut_bias_act.register_fake
-def _(x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups, shortcut_stride, relu):
+def _(
+    x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups, shortcut_stride,
+    act, act_a, act_b,
+):
     return x.new_empty(_conv_out_shape(x, weight, stride, padding, dilation)).to(
         memory_format=torch.channels_last
     )

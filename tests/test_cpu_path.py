@@ -28,10 +28,10 @@ SCRIPT = textwrap.dedent("""
     err = rel_err(out, ref)
     assert err < 1e-4, err
     args = (torch.randn(2, 4, 6, 6), torch.randn(8, 4, 3, 3), torch.randn(8), torch.randn(2, 8, 6, 6),
-            [1, 1], [1, 1], [1, 1], 1, True)
+            [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, 0.0)
     torch.library.opcheck(torch.ops.fastres.conv_bias_act.default, args)
     tail_args = (torch.randn(2, 4, 3, 3), torch.randn(8, 4, 3, 3), torch.randn(8), torch.randn(2, 6, 6, 6),
-                 torch.randn(8, 6, 1, 1), [1, 1], [1, 1], [1, 1], 1, [2, 2], True)
+                 torch.randn(8, 6, 1, 1), [1, 1], [1, 1], [1, 1], 1, [2, 2], "relu", 0.0, 0.0)
     torch.library.opcheck(torch.ops.fastres.conv_shortcut_bias_act.default, tail_args)
     pool_args = (torch.randn(1, 4, 7, 7), [3, 3], [2, 2], [1, 1])
     torch.library.opcheck(torch.ops.fastres.max_pool2d.default, pool_args)
@@ -123,7 +123,7 @@ PACK_SCRIPT = textwrap.dedent('''
     # edit of the weight after a call repacks; the kernel's layout (C_out stride 1) is accepted as input.
     xs, b = torch.randn(2, 16, 9, 7), torch.randn(32)
     for w in (torch.randn(32, 16, 3, 3), pack_weight(torch.randn(32, 16, 3, 3))):
-        args = ([2, 1], [1, 1], [1, 1], 1, True)
+        args = ([2, 1], [1, 1], [1, 1], 1, "relu", 0.0, 0.0)
         with torch.inference_mode():
             y1 = torch.ops.fastres.conv_bias_act(xs, w, b, None, *args)
         assert rel_err(y1, torch.relu(F.conv2d(xs, w, b, [2, 1], 1))) < 1e-6
@@ -136,9 +136,9 @@ PACK_SCRIPT = textwrap.dedent('''
     # Inference tensors have no version counter: never cached, so an edit inside inference mode is seen.
     with torch.inference_mode():
         w = torch.randn(32, 16, 1, 1)
-        y1 = torch.ops.fastres.conv_bias_act(xs, w, b, None, [1, 1], [0, 0], [1, 1], 1, False)
+        y1 = torch.ops.fastres.conv_bias_act(xs, w, b, None, [1, 1], [0, 0], [1, 1], 1, "identity", 0.0, 0.0)
         w.mul_(3)
-        y2 = torch.ops.fastres.conv_bias_act(xs, w, b, None, [1, 1], [0, 0], [1, 1], 1, False)
+        y2 = torch.ops.fastres.conv_bias_act(xs, w, b, None, [1, 1], [0, 0], [1, 1], 1, "identity", 0.0, 0.0)
         assert rel_err(y2, F.conv2d(xs, w, b)) < 1e-6 and rel_err(y1, F.conv2d(xs, w / 3, b)) < 1e-6
     # The binary variants: a residual (identity) and the dual-GEMM tail, with and without ReLU.
     w, res = torch.randn(32, 16, 3, 3), torch.randn(2, 32, 9, 7)
@@ -146,9 +146,10 @@ PACK_SCRIPT = textwrap.dedent('''
     for relu in (True, False):
         act = torch.relu if relu else (lambda t: t)
         with torch.inference_mode():
-            y = torch.ops.fastres.conv_bias_act(xs, w, b, res, [1, 1], [1, 1], [1, 1], 1, relu)
+            name = "relu" if relu else "identity"
+            y = torch.ops.fastres.conv_bias_act(xs, w, b, res, [1, 1], [1, 1], [1, 1], 1, name, 0.0, 0.0)
             yt = torch.ops.fastres.conv_shortcut_bias_act(
-                xs, w, b, xsc, ws, [1, 1], [1, 1], [1, 1], 1, [2, 2], relu)
+                xs, w, b, xsc, ws, [1, 1], [1, 1], [1, 1], 1, [2, 2], name, 0.0, 0.0)
         assert rel_err(y, act(F.conv2d(xs, w, b, 1, 1) + res)) < 1e-6
         assert rel_err(yt, act(F.conv2d(xs, w, b, 1, 1) + F.conv2d(xsc, ws, None, 2))) < 1e-6
     # At most PACKS_PER_WEIGHT input shapes per weight; the most recent ones.
@@ -156,7 +157,7 @@ PACK_SCRIPT = textwrap.dedent('''
     for h in range(5, 12):
         with torch.inference_mode():
             torch.ops.fastres.conv_bias_act(torch.randn(1, 16, h, h), w, torch.randn(8), None,
-                                            [1, 1], [1, 1], [1, 1], 1, True)
+                                            [1, 1], [1, 1], [1, 1], 1, "relu", 0.0, 0.0)
     assert [k[-1][2] for k, _ in cpu._packs[w]] == [11, 10, 9, 8][: cpu.PACKS_PER_WEIGHT]
 
     # oneDNN turned off: F.conv2d on dense channels_last packs (never the kernel's layout), still exact.

@@ -55,7 +55,9 @@ def test_sequential_runs_are_fused_and_the_rest_left_exactly():
     assert isinstance(fast[0], fastres.FusedConvBNAct2d) and isinstance(fast[2], fastres.FoldedReLU)
     assert isinstance(fast[1], fastres.FoldedBatchNorm2d)
     assert isinstance(fast[3], fastres.FusedConvBNAct2d) and fast[3].folded_act is None
-    assert isinstance(fast[5], fastres.FusedConvBNAct2d) and type(fast[7]) is nn.SiLU
+    # SiLU is fused too (issue 12): a pass-through that is still an nn.SiLU
+    assert isinstance(fast[5], fastres.FusedConvBNAct2d) and type(fast[7]).__name__ == "FoldedSiLU"
+    assert isinstance(fast[7], nn.SiLU) and fast[5].extra_repr().endswith("fused=conv+bn+silu")
     assert type(fast[8]) is nn.Conv2d and type(fast[9]) is nn.GELU  # no BN after it: left as it was
     x = torch.randn(2, 5, 11, 9)
     assert_close(run(fast, x), eager64(seq, x), **FP32, what="sequential")

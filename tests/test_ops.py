@@ -27,7 +27,9 @@ CONV_CASES = {
         [1, 1],
         [1, 1],
         1,
-        True,
+        "relu",
+        0.0,
+        0.0,
     ),
     "1x1s2_residual": lambda: (
         torch.randn(1, 6, 7, 7),
@@ -38,7 +40,9 @@ CONV_CASES = {
         [0, 0],
         [1, 1],
         1,
-        False,
+        "identity",
+        0.0,
+        0.0,
     ),
     "grouped": lambda: (
         torch.randn(1, 8, 5, 5),
@@ -49,7 +53,9 @@ CONV_CASES = {
         [1, 1],
         [1, 1],
         4,
-        True,
+        "relu",
+        0.0,
+        0.0,
     ),
 }
 
@@ -71,7 +77,9 @@ def test_opcheck_conv_shortcut_bias_act():
         [1, 1],
         1,
         [2, 2],
-        True,
+        "leaky_relu",
+        0.2,
+        0.0,
     )
     torch.library.opcheck(torch.ops.fastres.conv_shortcut_bias_act.default, args)
 
