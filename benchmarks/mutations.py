@@ -30,6 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 # name: (file, text, replacement, what it breaks)
 MUTATIONS = {
+    "plan_no_act_key": (
+        "fastres/modules.py",
+        "            and list(map(activations.key, self.acts)) == self.act_keys\n",
+        "",
+        "a launch plan that does not check its activation's settings (bounds, slope, GELU form)",
+    ),
     "tail_no_downsample": (
         "fastres/modules.py",
         "tensors = conv_bn_tensors(conv, bn) + conv_bn_tensors(ds_conv, ds_bn)",

@@ -269,3 +269,32 @@ def test_fp16_real_k_accumulates_in_fp32():
     assert_close(out, ref, rel=5e-3, atol=2.5e-2, rtol=2.5e-2, what="DESIGN fp16 per-layer bound")
     err = rel_err(out, ref)
     assert err <= 4e-4, f"fp16 K=2304 rel err {err:.3e} > 4e-4: an fp16 accumulator measures 5.8e-4"
+
+
+def test_activation_settings_edited_after_a_plan():
+    """A launch plan holds the activation's arguments (hardtanh bounds, leaky slope, GELU's form) as they
+    were when it was made: an edit afterwards must show in the next output, as the unconverted module's."""
+    torch.manual_seed(11)
+    seq = randomize_bn(
+        nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1)), 11
+    ).eval()
+    blk = randomize_bn(nn.Sequential(BasicBlock(8, 8)), 12).eval()
+    blk[0].relu = nn.Hardtanh(-1.0, 1.0)
+    gelu = randomize_bn(nn.Sequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8), nn.GELU()), 13).eval()
+    edits = [
+        (seq, torch.randn(2, 4, 6, 6), lambda m: setattr(m[2], "negative_slope", 0.7)),
+        (blk, torch.randn(2, 8, 6, 6) * 3, lambda m: setattr(m[0].relu, "max_val", 0.25)),
+        (gelu, torch.randn(2, 4, 6, 6) * 3, lambda m: setattr(m[2], "approximate", "tanh")),
+    ]
+    for model, x, edit in edits:
+        fast = fastres.convert(model)
+        with torch.inference_mode():
+            fast(x)
+            fast(x)  # through the plan
+        edit(model)
+        edit(fast)
+        with torch.inference_mode():
+            out = fast(x)
+        with torch.no_grad():
+            ref = copy.deepcopy(model).double()(x.double())
+        assert_close(out, ref, rel=1e-4, atol=1e-4, rtol=1e-3, what=f"{type(model[-1]).__name__} edited")

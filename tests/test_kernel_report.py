@@ -315,3 +315,45 @@ def test_tma_gemm_reason_follows_the_applicability_rule():
     assert misaligned == "channels not 16-byte aligned"
     assert tma_gemm_reason(ConvShape(12, 8, 8, 64, 1, 1, 1, 0), torch.float32) is None
     assert tma_gemm_reason(ConvShape(64, 8, 8, 64, 1, 1, 1, 0), torch.float16, shortcut=object()) is not None
+
+
+# Issue 12: every epilogue activation (kernels/_act.py) in the gather kernel's largest tile (fp32 tf32,
+# 128x128, 8 warps, with a residual) and in the TMA GEMM, compiled for sm_90: its math must not spill.
+ACT_PROBE = """
+import json, torch, triton
+from benchmarks.kernel_report import launch_args, tma_launch_args, specialise, analyse
+from benchmarks.shapes import ConvShape
+from fastres.kernels import conv, tma_gemm
+from fastres.kernels._act import ACT_CODES
+
+out = {}
+for act, code in ACT_CODES.items():
+    shape = ConvShape(64, 56, 56, 64, 3, 3, 1, 1, has_residual=True)
+    args, consts, cfg, _ = launch_args(shape, 8, torch.float32)
+    consts["ACT"] = code
+    src, options, target, _ = specialise(conv._conv_bias_act_fwd_kernel, 90, args, consts, cfg)
+    ck = triton.compile(src, target=target, options=options.__dict__)
+    out[f"gather {act}"] = analyse(ck, 90, cfg.num_warps)
+    if act in ("gelu", "gelu_tanh", "mish", "hardswish"):
+        shape = ConvShape(256, 14, 14, 1024, 1, 1, 1, 0, has_residual=True)
+        args, consts, cfg, _, _ = tma_launch_args(shape, 32, torch.float16)
+        consts["ACT"] = code
+        src, options, target, _ = specialise(tma_gemm._conv1x1_bias_act_fwd_kernel, 90, args, consts, cfg)
+        out[f"tma_gemm {act}"] = analyse(
+            triton.compile(src, target=target, options=options.__dict__), 90, cfg.num_warps
+        )
+print(json.dumps(out))
+"""
+
+
+def test_every_activation_compiles_for_sm90_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", ACT_PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=500
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(recs) == 11 + 4
+    for name, rec in recs.items():
+        assert rec["spill_store_bytes"] == 0 and rec["spill_load_bytes"] == 0, f"{name}: spills {rec}"
+        assert rec["ptx_wgmma"] > 0, f"{name}: no wgmma"
