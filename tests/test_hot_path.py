@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 
 import fastres
-from fastres import fold, ops
+from fastres import fold, modules, ops
 from fastres.kernels import conv, pool
 from fastres.testing import count_launches, randomize_bn
 
@@ -152,7 +152,7 @@ def _launched(model, x) -> list:
         return list(rec.log)
 
 
-def test_every_change_makes_a_new_plan(recorded, resnet50):
+def test_every_change_makes_a_new_plan(recorded, resnet50, monkeypatch):
     model = copy.deepcopy(resnet50)
     x = torch.randn(1, 3, 32, 32)
     _forward(model, x)
@@ -198,6 +198,7 @@ def test_every_change_makes_a_new_plan(recorded, resnet50):
     assert len(recorded.compiles) > compiles
     # Gradients needed (an input that requires grad, with grad enabled): the original computation.
     recorded.log.clear()
+    monkeypatch.setattr(modules, "_WARNED", [])  # warned once per process: earlier tests may have used it
     with pytest.warns(UserWarning, match="needs gradients"):
         block(xb.clone().requires_grad_())
     assert recorded.log == []
