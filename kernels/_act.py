@@ -1,5 +1,6 @@
-"""The pointwise activation every conv tactic's epilogue applies: one ``ACT`` constexpr code and two fp32
-runtime scalars (``a``, ``b``: hardtanh's bounds, leaky ReLU's slope).
+"""What every conv tactic's epilogue applies after the bias and residual: the pointwise activation,
+then (fp32 with tf32 dots) the rounding of the output to tf32. The activation is one ``ACT`` constexpr
+code and two fp32 runtime scalars (``a``, ``b``: hardtanh's bounds, leaky ReLU's slope).
 
 Each branch computes what eager PyTorch computes for the same fp32 value, NaN and ±Inf included:
 comparisons with NaN are false, so every ``tl.where`` below lets NaN through as eager's clamps do, and
@@ -78,9 +79,21 @@ def _apply_act(x, ACT: tl.constexpr, a, b):
     return x
 
 
+@triton.jit
+def _round_tf32(x):
+    # Round to nearest even on the low 13 mantissa bits (the next layer's tf32 dot drops them); Inf and
+    # NaN pass unchanged, the largest finite values round up to Inf as tf32 rounding must. The same bits
+    # as fastres.fold.round_tf32, which rounds the fp32 weights.
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + (0xFFF + ((bits >> 13) & 1))) & -8192
+    finite = (bits & 0x7F800000) != 0x7F800000
+    return tl.where(finite, rounded, bits).to(tl.float32, bitcast=True)
+
+
 if INTERPRET:
     # Under TRITON_INTERPRET, torch's tracing of a kernel launch (wrap_triton, make_fx) hashes the kernel's
     # source and the globals it references, and Triton's dependency finder accepts compiled helpers but
     # rejects an interpreted one as an "unsupported function". Skipped from that hash like a builtin: the
     # interpreter compiles nothing, so there is no cache the hash could make stale.
     _apply_act.__triton_builtin__ = True
+    _round_tf32.__triton_builtin__ = True

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._act import _apply_act, act_code
+from ._act import _apply_act, _round_tf32, act_code
 from ._common import (
     INTERPRET,
     BoundLaunch,
@@ -250,12 +250,7 @@ def _conv_bias_act_fwd_kernel(
         acc += tl.load(r_ptrs, mask=pq_mask, other=0.0).to(tl.float32)
     acc = _apply_act(acc, ACT, act_a, act_b)
     if ROUND_TF32:
-        # Round to nearest even on the low 13 mantissa bits (the next layer's tf32 dot drops them);
-        # Inf and NaN pass unchanged, the largest finite values round up to Inf as tf32 rounding must.
-        bits = acc.to(tl.int32, bitcast=True)
-        rounded = (bits + (0xFFF + ((bits >> 13) & 1))) & -8192
-        finite = (bits & 0x7F800000) != 0x7F800000
-        acc = tl.where(finite, rounded, bits).to(tl.float32, bitcast=True)
+        acc = _round_tf32(acc)  # the next layer's tf32 dot reads exact tf32 values
     o_ptrs = (
         out_ptr
         + (n * stride_on + p.to(tl.int64) * stride_oh + q.to(tl.int64) * stride_ow)[:, None]

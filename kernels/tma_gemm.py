@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._act import _apply_act, act_code
+from ._act import _apply_act, _round_tf32, act_code
 from ._common import INTERPRET, check_tensor, launchable, next_pow2, tl_dtype_ok, unused_pointer
 from .conv import TF32_ROUND_DEVICE_TYPES, _default_precision
 
@@ -87,16 +87,6 @@ class TmaGemmConfig:
     num_stages: int = 1
     num_programs: int | None = None  # persistent grid size; None: min(programs_per_sm × #SMs, tiles)
     programs_per_sm: int = 1
-
-
-@triton.jit
-def _round_tf32(acc):
-    # Round to nearest even on the low 13 mantissa bits (the next layer's tf32 dot drops them); Inf and
-    # NaN pass unchanged, the largest finite values round up to Inf (conv.py's epilogue, same bits).
-    bits = acc.to(tl.int32, bitcast=True)
-    rounded = (bits + (0xFFF + ((bits >> 13) & 1))) & -8192
-    finite = (bits & 0x7F800000) != 0x7F800000
-    return tl.where(finite, rounded, bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=TMA_UNSPECIALISED)
