@@ -16,9 +16,7 @@ Everything else is left exactly as it was; converting twice changes nothing.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +25,7 @@ import torch.fx
 from torch import nn
 
 from fastres import activations
+from fastres._instance import copy_sharing_tensors, restored
 from fastres.fold import bn_fold_reason
 from fastres.modules import (
     FUSED_TYPES,
@@ -351,45 +350,15 @@ class _LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def _structural_copy(module: nn.Module) -> nn.Module | None:
-    """A deep copy of ``module`` that shares its parameters and buffers (no tensor data is copied), or
-    None when the module cannot be deep-copied."""
-    memo: dict[int, object] = {}
-    for t in itertools.chain(module.parameters(), module.buffers()):
-        memo[id(t)] = t
-    try:
-        return copy.deepcopy(module, memo)
-    except Exception:  # noqa: BLE001 - modules holding locks, handles, generators …
-        return None
-
-
-@contextlib.contextmanager
-def _restored(module: nn.Module):
-    """Put back every attribute of every submodule as it was on entry, whatever runs inside."""
-    saved = []
-    for m in module.modules():
-        registries = {k: dict(m.__dict__[k]) for k in ("_parameters", "_buffers", "_modules")}
-        saved.append((m, dict(m.__dict__), registries))
-    try:
-        yield
-    finally:
-        for m, attrs, registries in saved:
-            m.__dict__.clear()
-            m.__dict__.update(attrs)
-            for key, contents in registries.items():
-                m.__dict__[key].clear()
-                m.__dict__[key].update(contents)
-
-
 def _trace(module: nn.Module) -> torch.fx.Graph:
     """Trace ``module`` without touching it: a model's own forward may set attributes while it is traced
     (torchvision's MultiScaleRoIAlign caches its ``scales`` from the first input it sees, so a trace
     would leave fx Proxies there and break every later forward). The trace runs on a copy that shares
     the tensors; a module that cannot be copied is traced in place and every attribute put back."""
-    target = _structural_copy(module)
+    target = copy_sharing_tensors(module)
     if target is not None:
         return _LeafTracer().trace(target)
-    with _restored(module):
+    with restored(module):
         return _LeafTracer().trace(module)
 
 

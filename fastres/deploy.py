@@ -17,8 +17,6 @@ shadow it once imported (DESIGN.md, Layers).
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
 import os
 from collections.abc import Iterator
 
@@ -30,6 +28,7 @@ from fastres import (
     activations,
     ops,  # noqa: F401  (registers torch.ops.fastres.*, which decomposition_table names)
 )
+from fastres._instance import copy_sharing_tensors, restored
 from fastres.fold import FoldCache
 from fastres.kernels._common import INTERPRET
 from fastres.modules import FUSED_TYPES, _PassThroughWhenFused
@@ -83,20 +82,16 @@ def _unfuse_in_place(model: nn.Module) -> None:
 def _copy_sharing_tensors(model: nn.Module) -> nn.Module | None:
     """A deep copy of ``model`` sharing its parameters and buffers, without the fold caches (their
     tensors are not copied either), or None when the model cannot be deep-copied."""
-    memo: dict[int, object] = {}
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        memo[id(t)] = t
-    for m in model.modules():
-        if isinstance(m, FUSED_TYPES):
-            for key, value in m.__dict__.items():
-                # Fold caches and plans (dropped from the copy anyway). Not strings or other atoms: the
-                # memo is keyed by identity, and an interned name is also a key of some _modules.
-                if _is_private(key, value) and _is_cache(value):
-                    memo[id(value)] = None
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception:  # noqa: BLE001 - modules holding locks, handles, generators …
-        return None
+    caches = [
+        value
+        for m in model.modules()
+        if isinstance(m, FUSED_TYPES)
+        for key, value in m.__dict__.items()
+        # Fold caches and plans (dropped from the copy anyway). Not strings or other atoms: the memo is
+        # keyed by identity, and an interned name is also a key of some _modules.
+        if _is_private(key, value) and _is_cache(value)
+    ]
+    return copy_sharing_tensors(model, caches)
 
 
 def unfused(model: nn.Module) -> nn.Module:
@@ -104,7 +99,7 @@ def unfused(model: nn.Module) -> nn.Module:
     ``BatchNorm2d``, ``ReLU``, torchvision's blocks, …), sharing every parameter and buffer: the same
     ``state_dict`` keys and tensors, the original computation. ``model`` is left as it is.
 
-    >>> from fastres.export import unfused   # not fastres.export.unfused: fastres.export is the function
+    >>> from fastres.deploy import unfused
     >>> plain = unfused(fast)   # for a tool that must see standard modules    # doctest: +SKIP
     """
     new = _copy_sharing_tensors(model)
@@ -128,21 +123,9 @@ def original_computation(model: nn.Module) -> Iterator[nn.Module]:
         _unfuse_in_place(new)
         yield new
         return
-    saved = []
-    for m in model.modules():
-        registries = {k: dict(m.__dict__[k]) for k in ("_parameters", "_buffers", "_modules")}
-        saved.append((m, m.__class__, dict(m.__dict__), registries))
-    try:
+    with restored(model):
         _unfuse_in_place(model)
         yield model
-    finally:
-        for m, cls, attrs, registries in saved:
-            m.__class__ = cls
-            m.__dict__.clear()
-            m.__dict__.update(attrs)
-            for key, contents in registries.items():
-                m.__dict__[key].clear()
-                m.__dict__[key].update(contents)
 
 
 # --------------------------------------------------------------------------------------------

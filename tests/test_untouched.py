@@ -92,7 +92,7 @@ def _assert_same_detections(out, ref, what):
 def test_report_leaves_a_detection_model_untouched(copyable, monkeypatch):
     """report() on a Faster R-CNN that has never run: nothing changes, and it still runs afterwards."""
     if not copyable:  # a model that cannot be deep-copied is traced in place and put back
-        monkeypatch.setattr(converter, "_structural_copy", lambda module: None)
+        monkeypatch.setattr(converter, "copy_sharing_tensors", lambda module: None)
     torch.manual_seed(0)
     model = _detector(fasterrcnn_resnet50_fpn)
     before = _snapshot(model)
