@@ -7,11 +7,16 @@ Tactics (DESIGN.md, "Conv tactics"), in the order they are registered:
 - ``tma_gemm`` (``kernels/tma_gemm.py``): 1×1, stride 1, padding 0, groups 1, no projection shortcut,
   x channels_last-contiguous with 16-byte rows and base, the weight packed with C_out stride 1, a
   Triton with device-side tensor descriptors, compute capability ≥ 9.0 on CUDA (or the interpreter).
+- ``cudnn`` (``kernels/cudnn_conv.py``): every conv in fp16/bf16/fp32 on CUDA with cuDNN (or the CPU in the
+  interpreter): cuDNN's fused conv + bias (+ add) + ReLU, else ``F.conv2d`` + one Triton epilogue pass.
+  The safety net a tuner picks per layer where it measures faster; its weight is OIHW channels_last
+  (``cudnn_conv.cudnn_weight``), so a fold cache holds one weight per tactic.
 
 Default: only ``gather`` is chosen. ``tma_gemm`` compiles for sm_90 with TMA loads, wgmma and no spills
 (benchmarks/kernel_report.py) and matches the fp64 reference in the interpreter, but no GPU has timed
 it against ``gather`` yet (issue 11: no GPU was lent), so nothing selects it until a GPU measurement
-changes this default or a tuned table entry names it (``choose(..., tuned="tma_gemm")``).
+changes this default or a tuned table entry names it (``choose(..., tuned="tma_gemm")``). ``cudnn`` is
+likewise chosen only by ``FASTRES_TACTICS`` or a tuned table (measured per layer).
 
 ``FASTRES_TACTICS`` (comma list, e.g. ``tma_gemm,gather``) restricts the set and gives the order of
 preference: the first listed tactic that is applicable runs. A tuned table's choice runs only if the
@@ -31,12 +36,13 @@ from collections.abc import Callable
 
 import torch
 
-from . import conv, tma_gemm
+from . import conv, cudnn_conv, tma_gemm
 
 GATHER = "gather"
 TMA_GEMM = "tma_gemm"
+CUDNN = "cudnn"
 # Registration order; gather first: the fallback.
-TACTICS: tuple[str, ...] = (GATHER, TMA_GEMM)
+TACTICS: tuple[str, ...] = (GATHER, TMA_GEMM, CUDNN)
 # What runs when neither $FASTRES_TACTICS nor a tuned table says otherwise (see the docstring).
 DEFAULT_TACTICS: tuple[str, ...] = (GATHER,)
 ENV_VAR = "FASTRES_TACTICS"
@@ -67,8 +73,16 @@ def _tma_gemm_applicable(x, w, stride, padding, dilation, groups, shortcut) -> s
     return tma_gemm.applicable(x, w, stride, padding, dilation, groups)
 
 
+def _cudnn_applicable(x, w, stride, padding, dilation, groups, shortcut) -> str | None:
+    return cudnn_conv.applicable(x, w, stride, padding, dilation, groups)  # the shortcut: a second conv
+
+
 # name -> rule(x, w, stride, padding, dilation, groups, shortcut) -> None or the reason it cannot run.
-RULES: dict[str, Callable[..., str | None]] = {GATHER: _gather_applicable, TMA_GEMM: _tma_gemm_applicable}
+RULES: dict[str, Callable[..., str | None]] = {
+    GATHER: _gather_applicable,
+    TMA_GEMM: _tma_gemm_applicable,
+    CUDNN: _cudnn_applicable,
+}
 
 
 def applicable(
@@ -154,7 +168,7 @@ def conv_bias_act(
 
     ``tactic``: run this one (ValueError with the reason if it cannot); else ``choose(..., tuned=tuned)``.
     ``config``: handed to the tactic that runs when it is that tactic's config type (``conv.ConvConfig``
-    or ``tma_gemm.TmaGemmConfig``); otherwise that tactic picks its own.
+    or ``tma_gemm.TmaGemmConfig``); otherwise that tactic picks its own (``cudnn`` has none: cuDNN picks).
 
     >>> y = conv_bias_act(x, w, b, residual=identity, tactic="tma_gemm")   # doctest: +SKIP
     """
@@ -166,6 +180,26 @@ def conv_bias_act(
         why = applicable(tactic, x, weight, **conv_args)
         if why is not None:
             raise ValueError(f"conv_bias_act: tactic {tactic!r} cannot run this conv: {why}")
+    if tactic == CUDNN:
+        return cudnn_conv.conv_bias_act(
+            x,
+            weight,
+            bias,
+            residual=residual,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            act=act,
+            act_a=act_a,
+            act_b=act_b,
+            relu=relu,
+            shortcut_x=shortcut_x,
+            shortcut_weight=shortcut_weight,
+            shortcut_stride=shortcut_stride,
+            precision=precision,
+            out=out,
+        )
     if tactic == TMA_GEMM:
         return tma_gemm.conv1x1_bias_act(
             x,
