@@ -19,6 +19,7 @@ gradients to every parameter), since fused training kernels do not exist yet.
 from __future__ import annotations
 
 import operator
+import types
 import warnings
 
 import torch
@@ -34,14 +35,15 @@ from fastres.fold import (
     fold_conv_bn,
     fp32_precision,
 )
-from fastres.kernels import conv as _conv
 from fastres.kernels import pool as _pool
+from fastres.kernels import tuning as _tuning
 from fastres.kernels._common import INTERPRET, SUPPORTED_DTYPES
 
 try:
+    from torchvision.models.resnet import BasicBlock, Bottleneck
     from torchvision.ops.misc import FrozenBatchNorm2d
 except ImportError:  # pragma: no cover
-    FrozenBatchNorm2d = None
+    BasicBlock = Bottleneck = FrozenBatchNorm2d = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,6 +225,20 @@ class _Plan:
         )
 
 
+def _script_forward_of(cls: type | None):
+    """``cls.forward`` under the name ``_script_forward``: what a fused module runs once
+    ``torch.jit.script`` compiles it (the original class's computation on the same parameters and
+    children). TorchScript names a method it compiles after the function, so a copy of ``forward`` kept
+    as is would collide with the fused module's own ``forward``."""
+    if cls is None:
+        return None
+    fn = cls.forward
+    copy = types.FunctionType(fn.__code__, fn.__globals__, "_script_forward", fn.__defaults__, fn.__closure__)
+    copy.__qualname__ = f"{fn.__qualname__.rsplit('.', 1)[0]}._script_forward"
+    copy.__annotations__ = dict(fn.__annotations__)
+    return copy
+
+
 def _name(module: nn.Module) -> str:
     return getattr(module, "_fastres_name", None) or type(module).__name__
 
@@ -370,6 +386,10 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         new.__dict__["_source_cls"] = type(conv)  # what report() names as the original
         return new
 
+    # TorchScript: a scripted model runs the original computation (see _SCRIPTED below).
+    __jit_unused_properties__ = ["folded_bn", "folded_act"]
+    _script_forward = _script_forward_of(nn.Conv2d)
+
     @property
     def folded_bn(self) -> nn.Module | None:
         return self._bn
@@ -393,6 +413,8 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         return fused_path_ok(x, self._group_params(), training=training) and self.act() is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._script_forward(x)  # the conv alone; the norm and act after it compute theirs
         plan = self.__dict__.get("_plan")
         if plan is not None and plan.ready(x):
             return plan.run(x)  # the hot path: module → plan → kernel
@@ -420,7 +442,7 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
     def _prepare(self, x: torch.Tensor):
         """(the prepared conv launch, a prototype of its output) for input ``x``."""
         folded = self._fold_for(self._fold, self, self._bn, x.dtype)
-        return _conv.prepare_conv(x, folded.weight, folded.bias, **_conv_kwargs(self, self.act()))
+        return _tuning.prepare_conv(x, folded.weight, folded.bias, **_conv_kwargs(self, self.act()))
 
     def _make_plan(self, x: torch.Tensor) -> _Plan | None:
         sources = _sources(self, self._bn)
@@ -453,7 +475,12 @@ class _PassThroughWhenFused:
         new.__dict__["_owner"] = owner
         return new
 
+    # The original class's forward: what a scripted model runs (set on each concrete class).
+    _script_forward = None
+
     def forward(self, x):
+        if torch.jit.is_scripting():
+            return self._script_forward(x)
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x)
         if self._owner.fuses(x):
@@ -474,6 +501,8 @@ class FoldedBatchNorm2d(_PassThroughWhenFused, nn.BatchNorm2d):
             return FoldedFrozenBatchNorm2d.wrap(module, owner)
         return super().wrap(module, owner)
 
+    _script_forward = _script_forward_of(nn.BatchNorm2d)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, folded into the conv before it in eval"
 
@@ -482,6 +511,8 @@ if FrozenBatchNorm2d is not None:
 
     class FoldedFrozenBatchNorm2d(_PassThroughWhenFused, FrozenBatchNorm2d):
         """torchvision's FrozenBatchNorm2d after a ``FusedConvBNAct2d``."""
+
+        _script_forward = _script_forward_of(FrozenBatchNorm2d)
 
         @classmethod
         def wrap(cls, module, owner):
@@ -515,7 +546,9 @@ class FoldedAct(_PassThroughWhenFused):
 def _folded_act_class(base: type) -> type:
     name = f"Folded{base.__name__}"
     doc = f"The {base.__name__} after a ``FusedConvBNAct2d``: identity while the conv applies it."
-    cls = type(name, (FoldedAct, base), {"__module__": __name__, "__qualname__": name, "__doc__": doc})
+    body = {"__module__": __name__, "__qualname__": name, "__doc__": doc}
+    body["_script_forward"] = _script_forward_of(base)
+    cls = type(name, (FoldedAct, base), body)
     cls._act_base = base
     globals()[name] = cls  # pickle finds it by name
     return cls
@@ -527,6 +560,8 @@ FoldedReLU = _FOLDED_ACTS[nn.ReLU]
 
 class FoldedMaxPool2d(_PassThroughWhenFused, nn.MaxPool2d):
     """ResNet's stem max-pool after a ``FusedStem``, which applies it."""
+
+    _script_forward = _script_forward_of(nn.MaxPool2d)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, applied by the stem in eval"
@@ -582,6 +617,8 @@ class FusedStem(FusedConvBNAct2d):
 class FusedHead(nn.AdaptiveAvgPool2d):
     """ResNet's global average pool as one NHWC reduction kernel (the FC stays ``nn.Linear``)."""
 
+    _script_forward = _script_forward_of(nn.AdaptiveAvgPool2d)
+
     @classmethod
     def from_module(cls, pool: nn.AdaptiveAvgPool2d) -> FusedHead:
         new = cls(pool.output_size)
@@ -590,6 +627,8 @@ class FusedHead(nn.AdaptiveAvgPool2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._script_forward(x)
         plan = self.__dict__.get("_plan")
         if plan is not None and plan.ready(x) and self.output_size is plan.output_size:
             return plan.run(x)
@@ -716,6 +755,8 @@ class _FusedBlock(_FoldedMixin, nn.Module):
         return fused_path_ok(x, self.parameters(), training=training) and self.act() is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._script_forward(x)  # torchvision's block forward, on the same children
         plan = self.__dict__.get("_plan")
         if plan is not None and plan.ready(x):
             return plan.run(x)  # the hot path: module → plan → kernels
@@ -767,12 +808,12 @@ class _FusedBlock(_FoldedMixin, nn.Module):
         launches, y = [], x
         for conv_name, bn_name in self._convs[:-1]:
             conv, _, folded = self._folded(x, conv_name, bn_name)
-            launch, y = _conv.prepare_conv(y, folded.weight, folded.bias, **_conv_kwargs(conv, act))
+            launch, y = _tuning.prepare_conv(y, folded.weight, folded.bias, **_conv_kwargs(conv, act))
             launches.append(launch)
         last = getattr(self, self._convs[-1][0])
         if self._dual_shortcut():
             weight, shortcut_weight, bias = self._tail_fold(x.dtype)
-            tail, _ = _conv.prepare_conv(
+            tail, _ = _tuning.prepare_conv(
                 y, weight, bias, shortcut_x=x, shortcut_weight=shortcut_weight,
                 shortcut_stride=list(self.downsample[0].stride), **_conv_kwargs(last, act),
             )
@@ -784,11 +825,11 @@ class _FusedBlock(_FoldedMixin, nn.Module):
                 ds = self.downsample
                 folded = self._fold_for(self._cache("downsample"), ds[0], ds[1], x.dtype)
                 kwargs = _conv_kwargs(ds[0], activations.IDENTITY)
-                shortcut, residual = _conv.prepare_conv(x, folded.weight, folded.bias, **kwargs)
+                shortcut, residual = _tuning.prepare_conv(x, folded.weight, folded.bias, **kwargs)
             conv_name, bn_name = self._convs[-1]
             _, _, folded = self._folded(x, conv_name, bn_name)
             kwargs = _conv_kwargs(last, act)
-            tail, _ = _conv.prepare_conv(y, folded.weight, folded.bias, residual=residual, **kwargs)
+            tail, _ = _tuning.prepare_conv(y, folded.weight, folded.bias, residual=residual, **kwargs)
             run = _chain(launches, tail, projection=shortcut)
         trees = (self,) if self.downsample is None else (self, self.downsample)
         return _Plan(run, x, tuple(self.modules()), trees, pairs, sources, (self.relu,))
@@ -811,12 +852,14 @@ class FusedBasicBlock(_FusedBlock):
     """torchvision BasicBlock: conv1+bn1+relu, then conv2+bn2+residual+relu (two kernels)."""
 
     _convs = (("conv1", "bn1"), ("conv2", "bn2"))
+    _script_forward = _script_forward_of(BasicBlock)
 
 
 class FusedBottleneck(_FusedBlock):
     """torchvision Bottleneck: three kernels, the last one adding the residual before its ReLU."""
 
     _convs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+    _script_forward = _script_forward_of(Bottleneck)
 
 
 def block_fuse_reason(block: nn.Module) -> str | None:
