@@ -7,6 +7,10 @@ Tactics (DESIGN.md, "Conv tactics"), in the order they are registered:
 - ``tma_gemm`` (``kernels/tma_gemm.py``): 1×1, stride 1, padding 0, groups 1, no projection shortcut,
   x channels_last-contiguous with 16-byte rows and base, the weight packed with C_out stride 1, a
   Triton with device-side tensor descriptors, compute capability ≥ 9.0 on CUDA (or the interpreter).
+- ``tma_conv`` (``kernels/tma_conv.py``): 3×3, stride 1, groups 1 (any padding, dilated too), no
+  projection shortcut, x channels_last-contiguous with 16-byte rows and base, the weight packed
+  (R, S, C_in, C_out) with 16-byte C_out rows, device-side descriptors, compute capability ≥ 9.0 on CUDA
+  (or the interpreter). Its A tiles are 4-D TMA boxes whose zero fill is the padding.
 - ``cudnn`` (``kernels/cudnn_conv.py``): every conv in fp16/bf16/fp32 on CUDA with cuDNN (or the CPU in the
   interpreter): cuDNN's fused conv + bias (+ add) + ReLU, else ``F.conv2d`` + one Triton epilogue pass.
   The safety net a tuner picks per layer where it measures faster; its weight is OIHW channels_last
@@ -15,7 +19,8 @@ Tactics (DESIGN.md, "Conv tactics"), in the order they are registered:
 Default: only ``gather`` is chosen. ``tma_gemm`` compiles for sm_90 with TMA loads, wgmma and no spills
 (benchmarks/kernel_report.py) and matches the fp64 reference in the interpreter, but no GPU has timed
 it against ``gather`` yet (issue 11: no GPU was lent), so nothing selects it until a GPU measurement
-changes this default or a tuned table entry names it (``choose(..., tuned="tma_gemm")``). ``cudnn`` is
+changes this default or a tuned table entry names it (``choose(..., tuned="tma_gemm")``); the same holds
+for ``tma_conv`` (compiled for sm_90 with TMA and wgmma, no spills, never timed). ``cudnn`` is
 likewise chosen only by ``FASTRES_TACTICS`` or a tuned table (measured per layer).
 
 ``FASTRES_TACTICS`` (comma list, e.g. ``tma_gemm,gather``) restricts the set and gives the order of
@@ -36,13 +41,14 @@ from collections.abc import Callable
 
 import torch
 
-from . import conv, cudnn_conv, tma_gemm
+from . import conv, cudnn_conv, tma_conv, tma_gemm
 
 GATHER = "gather"
 TMA_GEMM = "tma_gemm"
 CUDNN = "cudnn"
+TMA_CONV = "tma_conv"
 # Registration order; gather first: the fallback.
-TACTICS: tuple[str, ...] = (GATHER, TMA_GEMM, CUDNN)
+TACTICS: tuple[str, ...] = (GATHER, TMA_GEMM, CUDNN, TMA_CONV)
 # What runs when neither $FASTRES_TACTICS nor a tuned table says otherwise (see the docstring).
 DEFAULT_TACTICS: tuple[str, ...] = (GATHER,)
 ENV_VAR = "FASTRES_TACTICS"
@@ -73,6 +79,12 @@ def _tma_gemm_applicable(x, w, stride, padding, dilation, groups, shortcut) -> s
     return tma_gemm.applicable(x, w, stride, padding, dilation, groups)
 
 
+def _tma_conv_applicable(x, w, stride, padding, dilation, groups, shortcut) -> str | None:
+    if shortcut:
+        return "tma_conv: projection shortcut (dual GEMM) not implemented in this tactic"
+    return tma_conv.applicable(x, w, stride, padding, dilation, groups)
+
+
 def _cudnn_applicable(x, w, stride, padding, dilation, groups, shortcut) -> str | None:
     return cudnn_conv.applicable(x, w, stride, padding, dilation, groups)  # the shortcut: a second conv
 
@@ -82,6 +94,7 @@ RULES: dict[str, Callable[..., str | None]] = {
     GATHER: _gather_applicable,
     TMA_GEMM: _tma_gemm_applicable,
     CUDNN: _cudnn_applicable,
+    TMA_CONV: _tma_conv_applicable,
 }
 
 
@@ -167,8 +180,9 @@ def conv_bias_act(
     """``kernels.conv.conv_bias_act``'s signature and result, run by the chosen tactic.
 
     ``tactic``: run this one (ValueError with the reason if it cannot); else ``choose(..., tuned=tuned)``.
-    ``config``: handed to the tactic that runs when it is that tactic's config type (``conv.ConvConfig``
-    or ``tma_gemm.TmaGemmConfig``); otherwise that tactic picks its own (``cudnn`` has none: cuDNN picks).
+    ``config``: handed to the tactic that runs when it is that tactic's config type (``conv.ConvConfig``,
+    ``tma_gemm.TmaGemmConfig`` or ``tma_conv.TmaConvConfig``); otherwise that tactic picks its own
+    (``cudnn`` has none: cuDNN picks).
 
     >>> y = conv_bias_act(x, w, b, residual=identity, tactic="tma_gemm")   # doctest: +SKIP
     """
@@ -199,6 +213,22 @@ def conv_bias_act(
             shortcut_stride=shortcut_stride,
             precision=precision,
             out=out,
+        )
+    if tactic == TMA_CONV:
+        return tma_conv.conv3x3_bias_act(
+            x,
+            weight,
+            bias,
+            residual=residual,
+            padding=padding,
+            dilation=dilation,
+            act=act,
+            act_a=act_a,
+            act_b=act_b,
+            relu=relu,
+            precision=precision,
+            out=out,
+            config=config if isinstance(config, tma_conv.TmaConvConfig) else None,
         )
     if tactic == TMA_GEMM:
         return tma_gemm.conv1x1_bias_act(
