@@ -18,6 +18,7 @@ from torch.library import custom_op, triton_op
 from fastres import cpu as _cpu
 from fastres.kernels import conv as _conv
 from fastres.kernels import pool as _pool
+from fastres.kernels import tuning as _tuning
 from fastres.kernels._common import INTERPRET
 
 _define = custom_op if INTERPRET else triton_op
@@ -64,7 +65,7 @@ def conv_bias_act(
         return _cpu.conv_bias_act(
             x, weight, bias, residual, stride, padding, dilation, groups, act, act_a, act_b
         )
-    return _conv.conv_bias_act(
+    return _tuning.conv_bias_act(
         x,
         weight,
         bias,
@@ -111,7 +112,7 @@ def conv_shortcut_bias_act(
             x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
             shortcut_stride, act, act_a, act_b,
         )
-    return _conv.conv_bias_act(
+    return _tuning.conv_bias_act(
         x,
         weight,
         bias,

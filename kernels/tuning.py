@@ -1,6 +1,9 @@
-"""Block configs for the conv kernel: shipped tables, the FASTRES_AUTOTUNE cache, then a heuristic.
+"""The config and tactic lookup above the kernel families: tuned tables, the FASTRES_AUTOTUNE cache,
+then the heuristic. The kernel files import nothing from here; this module hands them their configs
+(DESIGN.md, Layers): ``prepare_conv`` / ``conv_bias_act`` are ``kernels.conv``'s with the lookup as
+``config``, and ``tuned_tactic`` is ``tactics.choose`` with the tuned entry.
 
-Order of lookup for one conv launch on CUDA (``select_config``):
+Order of lookup for one conv launch on CUDA (``select_config``, the gather kernel's config):
 1. the tables: ``$FASTRES_CONFIG_DIR/<arch>.json`` first, then the shipped ``fastres/configs/<arch>.json``;
 2. the autotune cache ``$FASTRES_CACHE_DIR/<arch>.json`` (default ``~/.cache/fastres``);
 3. with ``FASTRES_AUTOTUNE=1``: time ``candidates(...)`` once with ``triton.testing.do_bench``, keep the
@@ -8,11 +11,22 @@ Order of lookup for one conv launch on CUDA (``select_config``):
 4. ``pick_config``, the heuristic.
 Under Triton's interpreter it is always the one fixed large-block config (DESIGN.md, Tuning).
 
-Tables and the cache share one JSON format, so a cache file can be shipped as a table::
+Tables and the cache share one JSON format, so a cache file can be shipped as a table. Format 2 records
+the choice per shape key: the tactic that won, its config and time, the runner-up (the fastest other
+tactic; the second-fastest config when one tactic applies), cuDNN's time (null where it was not
+measured), and the fastest config of each tactic measured (``by_tactic``: a tactic that cannot run at
+launch time, or that ``$FASTRES_TACTICS`` leaves out, still finds its tuned config)::
 
-    {"format": 1, "arch": "sm_90", "tuned_on": {"gpu": ..., "torch": ..., "triton": ..., "date": ...},
-     "configs": {"<shape key>": {"block_m": 128, "block_n": 128, "block_k": 64,
-                                 "num_warps": 8, "num_stages": 3, "ms": 0.021}}}
+    {"format": 2, "arch": "sm_90", "tuned_on": {"gpu": ..., "torch": ..., "triton": ..., "date": ...},
+     "configs": {"<shape key>": {
+         "tactic": "tma_gemm", "config": {"block_m": 128, ...}, "ms": 0.021,
+         "runner_up": {"tactic": "gather", "config": {"block_m": 128, ...}, "ms": 0.024},
+         "cudnn_ms": 0.030,
+         "by_tactic": {"tma_gemm": {"config": {...}, "ms": 0.021},
+                       "gather": {"config": {...}, "ms": 0.024}}}}}
+
+Format 1 (one gather config per key, ``{"block_m": ..., "num_stages": ..., "ms": ...}``) still reads:
+its entries are gather entries without a runner-up or cuDNN time.
 
 ``tuned_on`` is null in a table that no GPU run has filled. Keys (``shape_key``) hold what the best
 config depends on and not the batch alone: C_in, C_out, R×S, stride, padding, dilation, groups, dtype
@@ -35,9 +49,13 @@ from pathlib import Path
 import torch
 
 from . import conv as _conv
+from . import tactics as _tactics
+from . import tma_gemm as _tma_gemm
 from ._common import INTERPRET, compiling_only, next_pow2
 
-TABLE_FORMAT = 1
+TABLE_FORMAT = 2
+# Formats read: 1 (gather configs only) and 2 (the tactic choice).
+READ_FORMATS = (1, 2)
 # Autotune timing: short warm-up and repetition windows, so one shape (8 candidates, each compiled
 # once, ~0.5 s) tunes in seconds; do_bench's defaults (25 / 100 ms) would add ~1 s per candidate.
 BENCH_WARMUP_MS = 5
@@ -57,11 +75,65 @@ CANDIDATE_TILES = (
     (32, 64, 64, 4, 4),
 )
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(_conv.ConvConfig))
+# Candidate tiles of the TMA GEMM (block_m, block_n, block_k for 16-bit dtypes, num_warps, num_stages,
+# programs per SM): its heuristic's 128-row tiles at 64 and 128 columns, 4 stages, and a 64-row tile for
+# small M. Compiled without spills on sm_90 (kernel report, issue 11); not yet timed on a GPU.
+TMA_GEMM_TILES = (
+    (128, 128, 64, 8, 3, 1),
+    (128, 64, 64, 8, 3, 2),
+    (128, 128, 64, 8, 4, 1),
+    (128, 256, 64, 8, 3, 1),
+    (64, 128, 64, 4, 4, 1),
+)
+# A tactic's config type (what its launcher takes as ``config``), for reading and writing tables. A tactic
+# registered in kernels/tactics.py with a config type of its own adds it to ``tactics.CONFIG_TYPES``; one
+# without (cuDNN) runs its own choice and stores null.
+_CONFIG_TYPES: dict[str, type] = {
+    _tactics.GATHER: _conv.ConvConfig,
+    _tactics.TMA_GEMM: _tma_gemm.TmaGemmConfig,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """One measured way to run a conv shape: a tactic, its config (None: the tactic's own), its time."""
+
+    tactic: str
+    config: object | None = None
+    ms: float | None = None
+
+
+@dataclasses.dataclass
+class Entry:
+    """A table entry: the choice for one shape key (the module docstring has its JSON)."""
+
+    tactic: str
+    config: object | None = None
+    ms: float | None = None
+    runner_up: Choice | None = None
+    cudnn_ms: float | None = None
+    by_tactic: dict[str, Choice] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def gather(cls, config: _conv.ConvConfig, ms: float | None = None) -> Entry:
+        """A gather-only entry (format 1, ``tune_model``, the autotune cache)."""
+        return cls(
+            _tactics.GATHER, config, ms, by_tactic={_tactics.GATHER: Choice(_tactics.GATHER, config, ms)}
+        )
+
+    def config_for(self, tactic: str) -> object | None:
+        """The tuned config of ``tactic`` for this shape, or None if it was not measured."""
+        if self.tactic == tactic and self.config is not None:
+            return self.config
+        choice = self.by_tactic.get(tactic)
+        if choice is None and self.runner_up is not None and self.runner_up.tactic == tactic:
+            choice = self.runner_up
+        return None if choice is None else choice.config
+
 
 # Per-process memory: (arch, key) -> ConvConfig for shapes already resolved, tables by path.
 _resolved: dict[tuple, _conv.ConvConfig] = {}
-_tables: dict[str, dict[str, _conv.ConvConfig]] = {}
+_tables: dict[str, dict[str, Entry]] = {}
 _archs: dict[int, str] = {}
 # While ``tune_session`` is active: key -> (config, ms) of every shape tuned in it.
 _session: dict[str, tuple[_conv.ConvConfig, float]] | None = None
@@ -125,6 +197,47 @@ def candidates(
     return out
 
 
+def tma_gemm_candidates(m: int, c_out: int, c_in: int, dtype: torch.dtype) -> list[_tma_gemm.TmaGemmConfig]:
+    """The TMA GEMM configs the tuner times for one 1×1 shape: its heuristic first, then
+    ``TMA_GEMM_TILES`` clamped to the problem (fp32 halves block_k), without repeats."""
+    caps = (
+        m_bucket(m),
+        max(_tma_gemm.MIN_BLOCK, next_pow2(c_out)),
+        max(_tma_gemm.MIN_BLOCK, next_pow2(c_in)),
+    )
+    out = [_tma_gemm.pick_config(m, c_out, c_in, dtype, interpret=False)]
+    for bm, bn, bk, warps, stages, per_sm in TMA_GEMM_TILES:
+        if dtype == torch.float32:
+            bk //= 2
+        cfg = _tma_gemm.TmaGemmConfig(
+            block_m=min(bm, caps[0]),
+            block_n=min(bn, caps[1]),
+            block_k=max(_tma_gemm.MIN_BLOCK, min(bk, caps[2])),
+            num_warps=warps,
+            num_stages=stages,
+            programs_per_sm=per_sm,
+        )
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def tactic_candidates(
+    tactic: str, *, m: int, c_in: int, c_out: int, r: int, s: int, groups: int, dtype: torch.dtype
+) -> list:
+    """The configs the tuner times for ``tactic`` on one shape. A tactic registered with a
+    ``tactics.CANDIDATES[name](m=, c_in=, c_out=, r=, s=, groups=, dtype=)`` source gets its list;
+    any other (cuDNN) is timed once with its own choice (``[None]``)."""
+    if tactic == _tactics.GATHER:
+        return candidates(m, c_out // groups, c_in // groups, r, s, dtype)
+    if tactic == _tactics.TMA_GEMM:
+        return tma_gemm_candidates(m, c_out, c_in, dtype)
+    source = getattr(_tactics, "CANDIDATES", {}).get(tactic)
+    if source is not None:
+        return list(source(m=m, c_in=c_in, c_out=c_out, r=r, s=s, groups=groups, dtype=dtype))
+    return [None]
+
+
 # --------------------------------------------------------------------------------------------
 # Table files: read, write
 
@@ -144,19 +257,106 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTRES_CACHE_DIR") or "~/.cache/fastres").expanduser()
 
 
-def _config_from_json(entry: dict) -> _conv.ConvConfig:
-    values = {name: entry[name] for name in _CONFIG_FIELDS}
-    for name, v in values.items():
+def config_types() -> dict[str, type]:
+    """Tactic name -> its config dataclass, for the tactics registered now."""
+    return {**_CONFIG_TYPES, **getattr(_tactics, "CONFIG_TYPES", {})}
+
+
+def _config_from_json(tactic: str, entry: dict | None) -> object | None:
+    """The config dataclass of ``tactic`` from its JSON object (null: the tactic's own choice)."""
+    if entry is None:
+        return None
+    cls = config_types().get(tactic)
+    if cls is None:
+        raise ValueError(f"tactic {tactic!r} takes no config, got {entry!r}")
+    if not isinstance(entry, dict):
+        raise TypeError(f"config must be an object, got {entry!r}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING
+        if f.name not in entry:
+            if required:
+                raise KeyError(f.name)
+            continue
+        v = entry[f.name]
+        if v is None and not required and f.default is None:
+            values[f.name] = v
+            continue
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name}={v!r} is not a positive int")
-    for name in ("block_m", "block_n", "block_k"):
-        if values[name] < _conv.MIN_BLOCK or values[name] & (values[name] - 1):
-            raise ValueError(f"{name}={values[name]} is not a power of two >= {_conv.MIN_BLOCK}")
-    return _conv.ConvConfig(**values)
+            raise ValueError(f"{f.name}={v!r} is not a positive int")
+        if f.name.startswith("block_") and (v < _conv.MIN_BLOCK or v & (v - 1)):
+            raise ValueError(f"{f.name}={v} is not a power of two >= {_conv.MIN_BLOCK}")
+        values[f.name] = v
+    return cls(**values)
 
 
-def read_table(path: str | os.PathLike, *, strict: bool = False) -> dict[str, _conv.ConvConfig]:
-    """The configs in one table or cache file ({} if it does not exist).
+def _ms(v) -> float | None:
+    if v is None:
+        return None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"ms={v!r} is not a time")
+    return float(v)
+
+
+def _tactic_name(v) -> str:
+    if v not in _tactics.TACTICS:
+        raise ValueError(f"unknown tactic {v!r}; known here: {', '.join(_tactics.TACTICS)}")
+    return v
+
+
+def _choice_from_json(tactic: str, d: dict) -> Choice:
+    return Choice(tactic, _config_from_json(tactic, d.get("config")), _ms(d.get("ms")))
+
+
+def _entry_from_json(entry: dict, fmt: int) -> Entry:
+    if not isinstance(entry, dict):
+        raise TypeError(f"an entry must be an object, got {entry!r}")
+    if fmt == 1:
+        cfg = _config_from_json(_tactics.GATHER, {k: v for k, v in entry.items() if k != "ms"})
+        return Entry.gather(cfg, _ms(entry.get("ms")))
+    tactic = _tactic_name(entry.get("tactic"))
+    runner = entry.get("runner_up")
+    by_tactic = {}
+    for name, d in (entry.get("by_tactic") or {}).items():
+        if name in _tactics.TACTICS:  # a tactic this checkout does not know cannot run here anyway
+            by_tactic[name] = _choice_from_json(name, d)
+    return Entry(
+        tactic=tactic,
+        config=_config_from_json(tactic, entry.get("config")),
+        ms=_ms(entry.get("ms")),
+        runner_up=None if runner is None else _choice_from_json(_tactic_name(runner.get("tactic")), runner),
+        cudnn_ms=_ms(entry.get("cudnn_ms")),
+        by_tactic=by_tactic,
+    )
+
+
+def _config_to_json(config) -> dict | None:
+    return None if config is None else dataclasses.asdict(config)
+
+
+def _round_ms(ms) -> float | None:
+    return None if ms is None else round(float(ms), 6)
+
+
+def _entry_to_json(entry: Entry) -> dict:
+    runner = entry.runner_up
+    return {
+        "tactic": entry.tactic,
+        "config": _config_to_json(entry.config),
+        "ms": _round_ms(entry.ms),
+        "runner_up": None
+        if runner is None
+        else {"tactic": runner.tactic, "config": _config_to_json(runner.config), "ms": _round_ms(runner.ms)},
+        "cudnn_ms": _round_ms(entry.cudnn_ms),
+        "by_tactic": {
+            name: {"config": _config_to_json(c.config), "ms": _round_ms(c.ms)}
+            for name, c in sorted(entry.by_tactic.items())
+        },
+    }
+
+
+def read_table(path: str | os.PathLike, *, strict: bool = False) -> dict[str, Entry]:
+    """The entries of one table or cache file ({} if it does not exist), formats 1 and 2.
 
     A malformed file or entry raises ValueError when ``strict`` (the shipped-table test), and is
     otherwise skipped with a warning: a broken cache must not stop inference.
@@ -166,8 +366,8 @@ def read_table(path: str | os.PathLike, *, strict: bool = False) -> dict[str, _c
         return {}
     try:
         data = json.loads(path.read_text())
-        if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
-            raise ValueError(f"not a format-{TABLE_FORMAT} fastres config table")
+        if not isinstance(data, dict) or data.get("format") not in READ_FORMATS:
+            raise ValueError(f"not a fastres config table of format {' or '.join(map(str, READ_FORMATS))}")
         if path.stem != data.get("arch"):
             raise ValueError(f"file name says {path.stem!r} but the table is for {data.get('arch')!r}")
         raw = data.get("configs")
@@ -181,24 +381,31 @@ def read_table(path: str | os.PathLike, *, strict: bool = False) -> dict[str, _c
     table = {}
     for key, entry in raw.items():
         try:
-            table[key] = _config_from_json(entry)
-        except (KeyError, TypeError, ValueError) as e:
+            table[key] = _entry_from_json(entry, data["format"])
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             if strict:
                 raise ValueError(f"fastres config table {path}, entry {key!r}: {e!r}") from e
             warnings.warn(f"fastres: ignoring entry {key!r} of {path}: {e!r}", stacklevel=2)
     return table
 
 
+def read_configs(path: str | os.PathLike, tactic: str = _tactics.GATHER, *, strict: bool = False) -> dict:
+    """key -> the tuned config of ``tactic`` in one table (keys without one left out)."""
+    entries = read_table(path, strict=strict)
+    return {k: c for k, e in entries.items() if (c := e.config_for(tactic)) is not None}
+
+
 def write_table(
     path: str | os.PathLike,
     arch: str,
-    entries: dict[str, tuple[_conv.ConvConfig, float | None]],
+    entries: dict[str, Entry | tuple[_conv.ConvConfig, float | None]],
     *,
     tuned_on: dict | None = None,
     merge: bool = True,
 ) -> Path:
-    """Write ``entries`` (key -> (config, ms)) as a table; with ``merge``, entries already in the file
-    stay unless replaced. Atomic (temp file + rename), so a concurrent reader sees old or new."""
+    """Write ``entries`` (key -> ``Entry``, or (gather config, ms)) as a format-2 table; with ``merge``,
+    entries already in the file (either format) stay unless replaced. Atomic (temp file + rename), so a
+    concurrent reader, or a run killed while writing, sees the old table or the new one."""
     path = Path(path)
     if path.stem != arch:
         raise ValueError(f"write_table: a table for {arch!r} must be named {arch}.json, got {path.name}")
@@ -206,15 +413,18 @@ def write_table(
     if merge and path.is_file():
         try:
             old = json.loads(path.read_text())
-            configs = dict(old.get("configs") or {})
             tuned_on = tuned_on if tuned_on is not None else old.get("tuned_on")
+            fmt = old.get("format")
+            for key, entry in (old.get("configs") or {}).items():
+                # Format-1 entries are rewritten as format 2; unreadable ones are dropped.
+                with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
+                    configs[key] = _entry_to_json(_entry_from_json(entry, fmt)) if fmt == 1 else entry
         except (OSError, ValueError):
             configs = {}
-    for key, (cfg, ms) in entries.items():
-        entry = dataclasses.asdict(cfg)
-        if ms is not None:
-            entry["ms"] = round(float(ms), 6)
-        configs[key] = entry
+    for key, entry in entries.items():
+        if not isinstance(entry, Entry):
+            entry = Entry.gather(*entry)
+        configs[key] = _entry_to_json(entry)
     data = {
         "format": TABLE_FORMAT,
         "arch": arch,
@@ -235,24 +445,38 @@ def write_table(
     return path
 
 
-def _table(path: Path) -> dict[str, _conv.ConvConfig]:
+def _table(path: Path) -> dict[str, Entry]:
     key = str(path)
     if key not in _tables:
         _tables[key] = read_table(path)
     return _tables[key]
 
 
-def table_lookup(arch: str, key: str) -> _conv.ConvConfig | None:
+def table_lookup(arch: str, key: str) -> Entry | None:
     """The table entry for ``key``: ``$FASTRES_CONFIG_DIR`` wins over the shipped table."""
     for d in config_dirs():
-        cfg = _table(d / f"{arch}.json").get(key)
-        if cfg is not None:
-            return cfg
+        entry = _table(d / f"{arch}.json").get(key)
+        if entry is not None:
+            return entry
     return None
 
 
-def cache_lookup(arch: str, key: str) -> _conv.ConvConfig | None:
+def cache_lookup(arch: str, key: str) -> Entry | None:
     return _table(cache_dir() / f"{arch}.json").get(key)
+
+
+def lookup(arch: str, key: str) -> Entry | None:
+    """The entry that decides ``key``'s tactic: the tables', else the autotune cache's."""
+    return table_lookup(arch, key) or cache_lookup(arch, key)
+
+
+def config_lookup(arch: str, key: str, tactic: str = _tactics.GATHER) -> object | None:
+    """The tuned config of ``tactic`` for ``key``: the first of the tables, then the cache, that has one."""
+    for entry in (table_lookup(arch, key), cache_lookup(arch, key)):
+        cfg = None if entry is None else entry.config_for(tactic)
+        if cfg is not None:
+            return cfg
+    return None
 
 
 def clear_cache() -> None:
@@ -371,7 +595,7 @@ def select_config(
                 _session[key] = best
                 return best[0]
         return _conv.pick_config(m, c_out_g, c_in_g, r, s, x.dtype, interpret=False)
-    cfg = table_lookup(arch, key) or cache_lookup(arch, key)
+    cfg = config_lookup(arch, key)
     if cfg is None and autotune_enabled():
         if launch is None or not _can_benchmark(x):
             # Not now (tracing, graph capture): the heuristic, and tune on a later eager launch.
@@ -381,7 +605,7 @@ def select_config(
             cfg = best[0]
             path = cache_dir() / f"{arch}.json"
             try:
-                write_table(path, arch, {key: best}, tuned_on=environment())
+                write_table(path, arch, {key: Entry.gather(*best)}, tuned_on=environment())
             except OSError as e:
                 warnings.warn(f"fastres autotune: could not write {path}: {e}", stacklevel=2)
             _tables.pop(str(path), None)
@@ -389,6 +613,95 @@ def select_config(
         cfg = _conv.pick_config(m, c_out_g, c_in_g, r, s, x.dtype, interpret=False)
     _resolved[memo] = cfg
     return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# The launchers with the lookup: what the modules and ops call
+
+
+def prepare_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, config=None, **kwargs):
+    """``kernels.conv.prepare_conv`` with its config from the lookup (``select_config``) when ``config``
+    is None; same arguments, same result.
+
+    >>> launch, out = prepare_conv(x, w, b, padding=1)                     # doctest: +SKIP
+    """
+    return _conv.prepare_conv(x, weight, bias, config=select_config if config is None else config, **kwargs)
+
+
+def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, config=None, **kwargs):
+    """``kernels.conv.conv_bias_act`` with its config from the lookup (``select_config``) when ``config``
+    is None; same arguments, same result.
+
+    >>> y = conv_bias_act(x, w, b, residual=identity)                       # doctest: +SKIP
+    """
+    return _conv.conv_bias_act(x, weight, bias, config=select_config if config is None else config, **kwargs)
+
+
+def launch_key(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    shortcut_c_in: int | None = None,
+) -> str:
+    """The table key of the conv launch ``conv_bias_act(x, weight, ...)`` would make."""
+    stride, padding, dilation = (
+        _conv._pair(v, n) for v, n in ((stride, "stride"), (padding, "padding"), (dilation, "dilation"))
+    )
+    c_out, _, r, s = weight.shape
+    n, c_in, h, w = x.shape
+    p = _conv.conv_output_size(h, r, stride[0], padding[0], dilation[0])
+    q = _conv.conv_output_size(w, s, stride[1], padding[1], dilation[1])
+    return shape_key(c_in, c_out, r, s, stride, padding, dilation, groups, n * p * q, x.dtype, shortcut_c_in)
+
+
+def tuned_tactic(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    shortcut_c_in: int | None = None,
+    arch: str | None = None,
+    env: str | None = None,
+) -> tuple[str, str, Entry | None]:
+    """(tactic, reason, the tuned entry or None) for one conv launch: ``tactics.choose`` with the tactic
+    the tables (or the autotune cache) recorded for its shape key on ``arch`` (default: x's device).
+    What the reports name per layer. x may be a meta tensor (the rules read shapes and strides).
+
+    >>> tuned_tactic(x, w, padding=1, arch="sm_90")                         # doctest: +SKIP
+    ('gather', 'gather: default (tma_gemm is chosen only by FASTRES_TACTICS or a tuned table)', None)
+    """
+    entry = None
+    if x.dtype in _DTYPE_NAMES:
+        key = launch_key(
+            x,
+            weight,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            shortcut_c_in=shortcut_c_in,
+        )
+        entry = lookup(arch or device_arch(x.device), key)
+    tuned = entry.tactic if entry is not None and entry.tactic in _tactics.RULES else None
+    name, why = _tactics.choose(
+        x,
+        weight,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        shortcut=shortcut_c_in is not None,
+        tuned=tuned,
+        env=env,
+    )
+    return name, why, entry
 
 
 def environment() -> dict:

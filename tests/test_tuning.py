@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from fastres.kernels import conv as kconv
 from fastres.kernels import tuning
-from fastres.kernels.conv import ConvConfig, conv_bias_act, pick_config
+from fastres.kernels.conv import ConvConfig, pick_config
+from fastres.kernels.tuning import conv_bias_act
 from fastres.testing import assert_close
 
 FP16 = torch.float16
@@ -117,14 +118,18 @@ def test_table_round_trip_and_merge(tmp_path):
     path = tmp_path / "sm_90.json"
     a, b = ConvConfig(128, 64, 32, 4, 4), ConvConfig(64, 64, 64, 8, 3)
     tuning.write_table(path, "sm_90", {"k1": (a, 0.0123456789)}, tuned_on={"gpu": "test"})
-    assert tuning.read_table(path, strict=True) == {"k1": a}
+    assert tuning.read_configs(path, strict=True) == {"k1": a}
+    assert tuning.read_table(path, strict=True) == {"k1": tuning.Entry.gather(a, 0.012346)}
     data = json.loads(path.read_text())
-    assert data["tuned_on"] == {"gpu": "test"} and data["configs"]["k1"]["ms"] == pytest.approx(0.012346)
+    assert data["format"] == 2 and data["tuned_on"] == {"gpu": "test"}
+    assert (
+        data["configs"]["k1"]["ms"] == pytest.approx(0.012346) and data["configs"]["k1"]["tactic"] == "gather"
+    )
     tuning.write_table(path, "sm_90", {"k2": (b, None)})  # merge keeps k1 and tuned_on
-    assert tuning.read_table(path, strict=True) == {"k1": a, "k2": b}
+    assert tuning.read_configs(path, strict=True) == {"k1": a, "k2": b}
     assert json.loads(path.read_text())["tuned_on"] == {"gpu": "test"}
     tuning.write_table(path, "sm_90", {"k2": (a, None)}, merge=False)
-    assert tuning.read_table(path, strict=True) == {"k2": a}
+    assert tuning.read_configs(path, strict=True) == {"k2": a}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sm_90.json"]  # no temp file left behind
     with pytest.raises(ValueError, match="sm_80.json"):
         tuning.write_table(path, "sm_80", {})
@@ -134,8 +139,9 @@ def test_table_round_trip_and_merge(tmp_path):
     "content, match",
     [
         ("{not json", "Expecting"),
-        ('{"format": 2, "arch": "sm_90", "configs": {}}', "format-1"),
+        ('{"format": 3, "arch": "sm_90", "configs": {}}', "format 1 or 2"),
         ('{"format": 1, "arch": "sm_80", "configs": {}}', "sm_80"),
+        ('{"format": 2, "arch": "sm_80", "configs": {}}', "sm_80"),
     ],
 )
 def test_malformed_table_raises_when_strict_and_is_ignored_otherwise(tmp_path, content, match):
@@ -155,7 +161,7 @@ def test_malformed_entry_is_skipped_with_a_warning(tmp_path):
     with pytest.raises(ValueError, match="block_n=48"):
         tuning.read_table(path, strict=True)
     with pytest.warns(UserWarning, match="'bad'"):
-        assert tuning.read_table(path) == {"good": ConvConfig(**good)}
+        assert tuning.read_configs(path) == {"good": ConvConfig(**good)}
 
 
 def test_shipped_tables_are_valid_and_honest():
@@ -171,6 +177,80 @@ def test_shipped_tables_are_valid_and_honest():
             assert table == {}, f"{path.name}: entries without tuned_on"
         else:
             assert data["tuned_on"].get("gpu") and data["tuned_on"].get("triton")
+
+
+def test_format_1_tables_still_read_as_gather_entries(tmp_path):
+    """A format-1 table (one gather config per key) reads as gather entries without a runner-up or cuDNN
+    time, and a merge rewrites it in format 2 with every entry kept."""
+    cfg = {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": 3}
+    path = tmp_path / "sm_90.json"
+    path.write_text(
+        json.dumps(
+            {"format": 1, "arch": "sm_90", "tuned_on": {"gpu": "old"}, "configs": {"k1": {**cfg, "ms": 0.5}}}
+        )
+    )
+    (entry,) = tuning.read_table(path, strict=True).values()
+    assert entry.tactic == "gather" and entry.config == ConvConfig(**cfg) and entry.ms == 0.5
+    assert entry.runner_up is None and entry.cudnn_ms is None
+    tuning.write_table(path, "sm_90", {"k2": (ConvConfig(16, 16, 16), None)})
+    data = json.loads(path.read_text())
+    assert data["format"] == 2 and data["tuned_on"] == {"gpu": "old"}
+    assert data["configs"]["k1"]["tactic"] == "gather" and data["configs"]["k1"]["config"] == cfg
+    assert tuning.read_configs(path, strict=True) == {"k1": ConvConfig(**cfg), "k2": ConvConfig(16, 16, 16)}
+
+
+def _tma_entry():
+    from fastres.kernels.tma_gemm import TmaGemmConfig
+
+    tma = TmaGemmConfig(128, 64, 64, 8, 3, programs_per_sm=2)
+    gather = ConvConfig(64, 64, 64, 4, 4)
+    return tuning.Entry(
+        tactic="tma_gemm",
+        config=tma,
+        ms=0.02,
+        runner_up=tuning.Choice("gather", gather, 0.025),
+        cudnn_ms=None,
+        by_tactic={
+            "tma_gemm": tuning.Choice("tma_gemm", tma, 0.02),
+            "gather": tuning.Choice("gather", gather, 0.025),
+        },
+    )
+
+
+def test_format_2_records_the_choice_runner_up_and_cudnn(tmp_path):
+    entry = _tma_entry()
+    path = tuning.write_table(tmp_path / "sm_90.json", "sm_90", {"k": entry})
+    raw = json.loads(path.read_text())["configs"]["k"]
+    assert raw["tactic"] == "tma_gemm" and raw["config"]["programs_per_sm"] == 2 and raw["ms"] == 0.02
+    assert raw["runner_up"] == {
+        "tactic": "gather",
+        "config": raw["by_tactic"]["gather"]["config"],
+        "ms": 0.025,
+    }
+    assert raw["cudnn_ms"] is None  # not measured: null, never a made-up time
+    assert tuning.read_table(path, strict=True) == {"k": entry}
+    assert entry.config_for("gather") == ConvConfig(64, 64, 64, 4, 4) and entry.config_for("cudnn") is None
+    assert tuning.read_configs(path, "tma_gemm", strict=True) == {"k": entry.config}
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(tactic="winograd"), "unknown tactic"),
+        (dict(config={"block_m": 48, "block_n": 64, "block_k": 64}), "block_m=48"),
+        (dict(ms=-1), "not a time"),
+        (dict(runner_up={"tactic": "gather", "config": {"block_m": 64}, "ms": 1.0}), "block_n"),
+    ],
+)
+def test_malformed_format_2_entry_is_refused(tmp_path, change, match):
+    path = tuning.write_table(tmp_path / "sm_90.json", "sm_90", {"k": _tma_entry()})
+    data = json.loads(path.read_text())
+    data["configs"]["k"].update(change)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=match):
+        tuning.read_table(path, strict=True)
+    with pytest.warns(UserWarning, match="'k'"):
+        assert tuning.read_table(path) == {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +327,7 @@ def test_autotune_times_once_caches_and_later_processes_read_the_cache(tmp_path,
     expected = tuning.candidates(128, 64, 64, 3, 3, FP16)
     cfg, k = _select(launch=lambda c: None)
     assert fake.calls == [expected] and cfg == expected[-1]
-    assert tuning.read_table(tmp_path / "cache" / "sm_90.json", strict=True) == {k: expected[-1]}
+    assert tuning.read_configs(tmp_path / "cache" / "sm_90.json", strict=True) == {k: expected[-1]}
     assert (
         json.loads((tmp_path / "cache" / "sm_90.json").read_text())["tuned_on"]["torch"] == torch.__version__
     )
@@ -388,6 +468,52 @@ def test_launcher_runs_the_table_config(tmp_path, monkeypatch, as_gpu):
     assert_close(y, ref, rel=1e-5, atol=1e-4, rtol=1e-4)
 
 
+def test_gather_config_of_a_shape_whose_tuned_tactic_is_another(tmp_path, monkeypatch, as_gpu):
+    """A format-2 entry won by tma_gemm still hands the gather kernel its tuned gather config."""
+    _, k = _select()
+    entry = _tma_entry()
+    tuning.write_table(tmp_path / "cfg" / "sm_90.json", "sm_90", {k: entry})
+    monkeypatch.setenv("FASTRES_CONFIG_DIR", str(tmp_path / "cfg"))
+    tuning.clear_cache()
+    assert _select()[0] == ConvConfig(64, 64, 64, 4, 4)
+
+
+def test_kernel_layer_knows_no_tables_and_the_layer_above_hands_it_the_config(tmp_path, monkeypatch, as_gpu):
+    """kernels.conv.prepare_conv with config=None runs its heuristic whatever the tables say;
+    kernels.tuning.prepare_conv (what the modules call) gives it the table's config."""
+    x = torch.randn(2, 24, 9, 7).to(memory_format=torch.channels_last)
+    w, b = torch.randn(40, 24, 3, 3) * 0.2, torch.randn(40)
+    k = tuning.shape_key(24, 40, 3, 3, (1, 1), (1, 1), (1, 1), 1, 2 * 9 * 7, torch.float32)
+    tuning.write_table(tmp_path / "cfg" / "sm_90.json", "sm_90", {k: (TABLE_CFG, None)})
+    monkeypatch.setenv("FASTRES_CONFIG_DIR", str(tmp_path / "cfg"))
+    monkeypatch.setattr(kconv, "INTERPRET", False)  # the GPU's heuristic, not the interpreter's
+    below, _ = kconv.prepare_conv(x, w, b, padding=1)
+    above, _ = tuning.prepare_conv(x, w, b, padding=1)
+    heuristic = pick_config(126, 40, 24, 3, 3, torch.float32, interpret=False)
+    assert below.template[-4:-1] == [heuristic.block_m, heuristic.block_n, heuristic.block_k]
+    assert above.template[-4:-1] == [TABLE_CFG.block_m, TABLE_CFG.block_n, TABLE_CFG.block_k]
+    assert above.bound.options == {"num_warps": TABLE_CFG.num_warps, "num_stages": TABLE_CFG.num_stages}
+
+
+def test_tuned_tactic_is_choose_with_the_table_entry(tmp_path, monkeypatch):
+    """What the reports name per layer: the tuned entry's tactic where its rule applies, else the default."""
+    from fastres.fold import pack_weight
+
+    x = torch.empty(2, 64, 8, 8, dtype=FP16, device="meta").contiguous(memory_format=torch.channels_last)
+    w = pack_weight(torch.empty(256, 64, 1, 1, dtype=FP16, device="meta"))
+    name, why, entry = tuning.tuned_tactic(x, w, arch="sm_90")
+    assert name == "gather" and why.startswith("gather: default") and entry is None  # no table entry
+    k = tuning.launch_key(x, w)
+    assert k == tuning.shape_key(64, 256, 1, 1, (1, 1), (0, 0), (1, 1), 1, 128, FP16)
+    tuning.write_table(tmp_path / "cfg" / "sm_90.json", "sm_90", {k: _tma_entry()})
+    monkeypatch.setenv("FASTRES_CONFIG_DIR", str(tmp_path / "cfg"))
+    tuning.clear_cache()
+    name, why, entry = tuning.tuned_tactic(x, w, arch="sm_90")
+    assert (name, why) == ("tma_gemm", "tma_gemm: tuned table") and entry.runner_up.tactic == "gather"
+    assert tuning.tuned_tactic(x, w, arch="sm_90", env="gather")[0] == "gather"  # FASTRES_TACTICS wins
+    assert tuning.tuned_tactic(x, w, arch="sm_80")[0] == "gather"  # another arch: another table
+
+
 # --------------------------------------------------------------------------------------------
 # On a GPU
 
@@ -400,7 +526,7 @@ def test_autotune_on_gpu_writes_the_cache_and_stays_correct(tmp_path, monkeypatc
     b = torch.randn(128, device="cuda")
     y = conv_bias_act(x, w, b, padding=1)
     arch = tuning.device_arch(x.device)
-    table = tuning.read_table(tmp_path / "cache" / f"{arch}.json", strict=True)
+    table = tuning.read_configs(tmp_path / "cache" / f"{arch}.json", strict=True)
     k = tuning.shape_key(64, 128, 3, 3, (1, 1), (1, 1), (1, 1), 1, 4 * 14 * 14, FP16)
     assert list(table) == [k] and table[k] in tuning.candidates(4 * 14 * 14, 128, 64, 3, 3, FP16)
     ref = torch.relu(F.conv2d(x.float(), w.float(), b, padding=1))
@@ -431,7 +557,7 @@ def test_tune_model_writes_a_table_that_the_lookup_uses(tmp_path, monkeypatch):
     arch = tuning.device_arch(x.device)
     assert path == tmp_path / "cfg" / f"{arch}.json"
     data = json.loads(path.read_text())
-    table = tuning.read_table(path, strict=True)
+    table = tuning.read_configs(path, strict=True)
     assert sorted(table) == tiny_resnet_keys(2, 32) and len(table) == 8 and data["tuned_on"]["gpu"]
     assert all(v["ms"] > 0 for v in data["configs"].values())
     assert len(offered) == 8 and all(len(c) == 2 for c in offered)  # one timing per shape
