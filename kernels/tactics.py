@@ -96,6 +96,16 @@ RULES: dict[str, Callable[..., str | None]] = {
     CUDNN: _cudnn_applicable,
     TMA_CONV: _tma_conv_applicable,
 }
+# name -> the config dataclass its launcher takes as ``config`` (what a tuned table stores for it; read
+# and written by kernels/tuning.py). A tactic without one (cudnn: cuDNN picks its own algorithm) is absent.
+CONFIG_TYPES: dict[str, type] = {
+    GATHER: conv.ConvConfig,
+    TMA_GEMM: tma_gemm.TmaGemmConfig,
+    TMA_CONV: tma_conv.TmaConvConfig,
+}
+# name -> the weight layout it takes, derived from the packed (C_out stride 1) one; absent: the packed
+# weight. A caller that launches a tactic many times (the tuner) derives it once.
+WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {CUDNN: cudnn_conv.cudnn_weight}
 
 
 def applicable(

@@ -85,15 +85,6 @@ TMA_GEMM_TILES = (
     (128, 256, 64, 8, 3, 1),
     (64, 128, 64, 4, 4, 1),
 )
-# A tactic's config type (what its launcher takes as ``config``), for reading and writing tables. A tactic
-# registered in kernels/tactics.py with a config type of its own adds it to ``tactics.CONFIG_TYPES``; one
-# without (cuDNN) runs its own choice and stores null.
-_CONFIG_TYPES: dict[str, type] = {
-    _tactics.GATHER: _conv.ConvConfig,
-    _tactics.TMA_GEMM: _tma_gemm.TmaGemmConfig,
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class Choice:
     """One measured way to run a conv shape: a tactic, its config (None: the tactic's own), its time."""
@@ -258,8 +249,8 @@ def cache_dir() -> Path:
 
 
 def config_types() -> dict[str, type]:
-    """Tactic name -> its config dataclass, for the tactics registered now."""
-    return {**_CONFIG_TYPES, **getattr(_tactics, "CONFIG_TYPES", {})}
+    """Tactic name -> its config dataclass (``tactics.CONFIG_TYPES``); a tactic without one stores null."""
+    return _tactics.CONFIG_TYPES
 
 
 def _config_from_json(tactic: str, entry: dict | None) -> object | None:
@@ -284,8 +275,11 @@ def _config_from_json(tactic: str, entry: dict | None) -> object | None:
             continue
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{f.name}={v!r} is not a positive int")
-        if f.name.startswith("block_") and (v < _conv.MIN_BLOCK or v & (v - 1)):
-            raise ValueError(f"{f.name}={v} is not a power of two >= {_conv.MIN_BLOCK}")
+        # tl.arange needs powers of two; tl.dot needs the GEMM tile's M, N and K blocks >= 16 (a TMA
+        # conv's pixel box, block_h × block_w, may be narrower on one side).
+        least = _conv.MIN_BLOCK if f.name in ("block_m", "block_n", "block_k") else 1
+        if f.name.startswith("block_") and (v < least or v & (v - 1)):
+            raise ValueError(f"{f.name}={v} is not a power of two >= {least}")
         values[f.name] = v
     return cls(**values)
 
