@@ -357,3 +357,50 @@ def test_every_activation_compiles_for_sm90_without_spills():
     for name, rec in recs.items():
         assert rec["spill_store_bytes"] == 0 and rec["spill_load_bytes"] == 0, f"{name}: spills {rec}"
         assert rec["ptx_wgmma"] > 0, f"{name}: no wgmma"
+
+
+# Issue 11: the tma_conv tactic (kernels/tma_conv.py) on ResNet-50's 3×3 stride-1 layers at 56×56 (a row
+# box: wgmma reads A from shared memory) and 28×28 (a 2-D box: A goes through registers), and DeepLabV3's
+# dilated 3×3 (dilation 2 at 28×28, tf32), through the report's CLI path and its TTGIR reading.
+TMA_CONV_PROBE = """
+import json, torch, triton
+from benchmarks.kernel_report import tma_conv_launch_args, tma_conv_reason, specialise, analyse
+from benchmarks.shapes import ConvShape
+from fastres.kernels import tma_conv
+
+out = {}
+for name, shape, dtype in (
+    ("56", ConvShape(64, 56, 56, 64, 3, 3, 1, 1), torch.float16),
+    ("28", ConvShape(128, 28, 28, 128, 3, 3, 1, 1), torch.float16),
+    ("28 dil2 tf32", ConvShape(512, 28, 28, 512, 3, 3, 1, 2, dilation=2), torch.float32),
+):
+    assert tma_conv_reason(shape, dtype) is None
+    args, consts, cfg, grid, tiles = tma_conv_launch_args(shape, 32, dtype)
+    src, options, target, _ = specialise(tma_conv._conv3x3_bias_act_fwd_kernel, 90, args, consts, cfg)
+    rec = analyse(triton.compile(src, target=target, options=options.__dict__), 90, cfg.num_warps)
+    out[name] = dict(rec, block_h=cfg.block_h, grid=grid, tiles=tiles)
+out["stride2"] = tma_conv_reason(ConvShape(128, 56, 56, 128, 3, 3, 2, 1), torch.float16)
+print(json.dumps(out))
+"""
+
+
+def test_tma_conv_compiles_with_tma_and_wgmma_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", TMA_CONV_PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert recs.pop("stride2") == "not 3x3/s1"
+    for name, rec in recs.items():
+        assert rec["ptx_tma"] > 0 and rec["sass_utmaldg"] > 0 and rec["sass_utmastg"] > 0, (name, rec)
+        assert rec["ptx_wgmma"] > 0 and rec["sass_hgmma"] > 0, f"{name}: no wgmma/HGMMA {rec}"
+        assert rec["spill_store_bytes"] == 0 and rec["spill_load_bytes"] == 0 and rec["sass_stl"] == 0, name
+        assert rec["flags"] == [] and 0 < rec["shared_bytes"] <= 227 * 1024, (name, rec)
+    # A 1-pixel-high box reshapes to the GEMM tile by dropping unit dimensions: SS wgmma, no ldmatrix.
+    row, box = recs["56"], recs["28"]
+    assert row["block_h"] == 1 and row["wgmma_a"] == "shared" and row["ptx_ldmatrix"] == 0
+    # A taller box merges two dimensions: A is copied into registers (ldmatrix) before each wgmma.
+    assert box["block_h"] > 1 and box["wgmma_a"] == "registers" and box["ptx_ldmatrix"] > 0
+    # Persistent grid: 32 images x 7 boxes of 4x32 pixels x 1 column tile of 128, over 132 programs.
+    assert box["tiles"] == 32 * 7 * 1 and box["grid"] == 132
