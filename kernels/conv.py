@@ -9,13 +9,18 @@ Tensors are addressed through their strides, so any layout works; channels_last
 (channel stride 1) is the one that coalesces, and is what the modules produce.
 The weight is the conv's (C_out, C_in/groups, R, S) tensor; the fold prepacks it so that
 its C_out stride is 1 (memory order R, S, C_in, C_out): each K row of the B tile is contiguous.
+
+Split-K (``ConvConfig.split_k`` > 1, for layers whose tiles do not fill the GPU): program (tile, g, k)
+accumulates the k-th contiguous slice of the K iterations (the main conv's, then the shortcut's) and stores
+its fp32 partial sum in a workspace [SPLIT_K, M, C_out]; ``kernels/epilogue.py``'s pass then adds the
+partials in split order (deterministic), the bias and residual, applies the activation and stores once.
+The FLOPs and bytes behind the choice are in benchmarks/NOTES.md (issue 11, small-M layers).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +37,7 @@ from ._common import (
     tl_dtype_ok,
     unused_pointer,
 )
+from .epilogue import bias_act_epilogue
 
 # Tuning constants.
 # Interpreter: one large-block config; each program instance costs milliseconds in the
@@ -63,6 +69,18 @@ CONV_UNSPECIALISED = ("BATCH", "H", "W")
 TF32_ROUND_DEVICE_TYPES = ("cuda",)
 # Grouped tile order: GROUP_M row tiles share a column of weight tiles in L2.
 GROUP_M = 8
+# Split-K (pick_config): only where the tiles leave SMs idle. Resident programs per SM by tile, from the
+# kernel report (sm_90, fp16, batch 32): a 128x128 tile takes 150-195 registers x 8 warps, one per SM; the
+# smaller ones (128x64: 92-127 registers x 8 warps, 96 KiB) two.
+FULL_TILE = 128 * 128
+PROGRAMS_PER_SM_FULL_TILE = 1
+PROGRAMS_PER_SM_SMALL_TILE = 2
+# SM count for the split choice when no GPU is visible: H100 SXM's (the kernel report's sm_90 part).
+REFERENCE_SMS = 132
+# At most 8 slices, each at least 4 K iterations (a 4-stage pipeline has something to overlap); every
+# slice adds 8 bytes per output element (fp32 partial written, then read): NOTES.md counts them.
+SPLIT_K_MAX = 8
+MIN_K_ITERS_PER_SPLIT = 4
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,76 @@ class ConvConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 1
+    split_k: int = 1  # K slices, each a program with an fp32 partial sum (module docstring)
+
+
+@triton.jit
+def _flat_k_tiles(
+    x_base,
+    w_base,
+    ih0,
+    iw0,
+    m_mask,
+    n_mask,
+    k0,
+    H,
+    W,
+    C_IN_G,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wc,
+    stride_wr,
+    stride_ws,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The A and B tiles of K block k0 of the flattened (r, s, c) range (small C_in)."""
+    K = R * S * C_IN_G
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    c = offs_k % C_IN_G
+    rs = offs_k // C_IN_G
+    r = rs // S
+    s = rs % S
+    ih = ih0[:, None] + r[None, :] * DIL_H
+    iw = iw0[:, None] + s[None, :] * DIL_W
+    a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    a_ptrs = (
+        x_base[:, None]
+        + c[None, :].to(tl.int64) * stride_xc
+        + ih.to(tl.int64) * stride_xh
+        + iw.to(tl.int64) * stride_xw
+    )
+    a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+    b_ptrs = w_base[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None]
+    b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+    return a, b
+
+
+@triton.jit
+def _channel_tiles(a_row, row_mask, b_col, n_mask, c0, C, stride_ac, stride_bc, BLOCK_K: tl.constexpr):
+    """The A and B tiles of channels [c0, c0 + BLOCK_K) at one filter tap (or of the 1x1 shortcut): A rows
+    start at ``a_row`` (masked by ``row_mask``), B columns at ``b_col``."""
+    offs_c = c0 + tl.arange(0, BLOCK_K)
+    c_mask = offs_c < C
+    a = tl.load(
+        a_row[:, None] + offs_c[None, :].to(tl.int64) * stride_ac,
+        mask=row_mask[:, None] & c_mask[None, :],
+        other=0.0,
+    )
+    b = tl.load(
+        b_col[None, :] + offs_c[:, None] * stride_bc, mask=c_mask[:, None] & n_mask[None, :], other=0.0
+    )
+    return a, b
+
+
+if INTERPRET:  # as _act's helpers: skipped from torch's tracing hash under the interpreter
+    _flat_k_tiles.__triton_builtin__ = True
+    _channel_tiles.__triton_builtin__ = True
 
 
 @triton.jit(do_not_specialize=CONV_UNSPECIALISED)
@@ -137,6 +225,7 @@ def _conv_bias_act_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # > 1: out_ptr is the fp32 workspace; store this K slice's partial sum
 ):
     pid = tl.program_id(0)
     g = tl.program_id(1)
@@ -166,53 +255,6 @@ def _conv_bias_act_fwd_kernel(
     x_base = x_ptr + n * stride_xn + (g * C_IN_G).to(tl.int64) * stride_xc
     w_base = w_ptr + co * stride_wo
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-
-    if FLAT_K:
-        K = R * S * C_IN_G
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            c = offs_k % C_IN_G
-            rs = offs_k // C_IN_G
-            r = rs // S
-            s = rs % S
-            ih = ih0[:, None] + r[None, :] * DIL_H
-            iw = iw0[:, None] + s[None, :] * DIL_W
-            a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ptrs = (
-                x_base[:, None]
-                + c[None, :].to(tl.int64) * stride_xc
-                + ih.to(tl.int64) * stride_xh
-                + iw.to(tl.int64) * stride_xw
-            )
-            a = tl.load(a_ptrs, mask=a_mask, other=0.0)
-            b_ptrs = w_base[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None]
-            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    else:
-        # One filter tap at a time, channels innermost: each A row is a contiguous run of C.
-        for r in range(R):
-            for s in range(S):
-                ih = ih0 + r * DIL_H
-                iw = iw0 + s * DIL_W
-                pix_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a_row = x_base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-                b_col = w_base + r * stride_wr + s * stride_ws
-                for c0 in range(0, C_IN_G, BLOCK_K):
-                    offs_c = c0 + tl.arange(0, BLOCK_K)
-                    c_mask = offs_c < C_IN_G
-                    a = tl.load(
-                        a_row[:, None] + offs_c[None, :].to(tl.int64) * stride_xc,
-                        mask=pix_mask[:, None] & c_mask[None, :],
-                        other=0.0,
-                    )
-                    b = tl.load(
-                        b_col[None, :] + offs_c[:, None] * stride_wc,
-                        mask=c_mask[:, None] & n_mask[None, :],
-                        other=0.0,
-                    )
-                    acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
     if HAS_SHORTCUT:
         # Second K range: the shortcut's 1×1 strided conv over the block input, same output tile,
         # so the shortcut tensor never reaches memory. Groups are 1 here (the launcher checks).
@@ -223,25 +265,144 @@ def _conv_bias_act_fwd_kernel(
             + (q * SC_STRIDE_W).to(tl.int64) * stride_x2w
         )
         b2_col = w2_ptr + co * stride_w2o
-        for c0 in range(0, C_IN2, BLOCK_K):
-            offs_c = c0 + tl.arange(0, BLOCK_K)
-            c_mask = offs_c < C_IN2
-            a = tl.load(
-                a2_row[:, None] + offs_c[None, :].to(tl.int64) * stride_x2c,
-                mask=m_mask[:, None] & c_mask[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                b2_col[None, :] + offs_c[:, None] * stride_w2c,
-                mask=c_mask[:, None] & n_mask[None, :],
-                other=0.0,
-            )
+
+    if SPLIT_K == 1:
+        if FLAT_K:
+            for k0 in range(0, R * S * C_IN_G, BLOCK_K):
+                a, b = _flat_k_tiles(
+                    x_base,
+                    w_base,
+                    ih0,
+                    iw0,
+                    m_mask,
+                    n_mask,
+                    k0,
+                    H,
+                    W,
+                    C_IN_G,
+                    stride_xc,
+                    stride_xh,
+                    stride_xw,
+                    stride_wc,
+                    stride_wr,
+                    stride_ws,
+                    R,
+                    S,
+                    DIL_H,
+                    DIL_W,
+                    BLOCK_K,
+                )
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        else:
+            # One filter tap at a time, channels innermost: each A row is a contiguous run of C.
+            for r in range(R):
+                for s in range(S):
+                    ih = ih0 + r * DIL_H
+                    iw = iw0 + s * DIL_W
+                    pix_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    a_row = x_base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+                    b_col = w_base + r * stride_wr + s * stride_ws
+                    for c0 in range(0, C_IN_G, BLOCK_K):
+                        a, b = _channel_tiles(
+                            a_row, pix_mask, b_col, n_mask, c0, C_IN_G, stride_xc, stride_wc, BLOCK_K
+                        )
+                        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if HAS_SHORTCUT:
+            for c0 in range(0, C_IN2, BLOCK_K):
+                a, b = _channel_tiles(
+                    a2_row, m_mask, b2_col, n_mask, c0, C_IN2, stride_x2c, stride_w2c, BLOCK_K
+                )
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        # One iteration space: the main conv's K blocks (taps x channel blocks, or flat blocks), then the
+        # shortcut's; program k takes the k-th contiguous slice (the last ones may be short or empty).
+        n_c = tl.cdiv(C_IN_G, BLOCK_K)
+        if FLAT_K:
+            n_main = tl.cdiv(R * S * C_IN_G, BLOCK_K)
+        else:
+            n_main = R * S * n_c
+        n_total = n_main
+        if HAS_SHORTCUT:
+            n_total += tl.cdiv(C_IN2, BLOCK_K)
+        per_split = tl.cdiv(n_total, SPLIT_K)
+        it_lo = tl.program_id(2) * per_split
+        it_hi = min(it_lo + per_split, n_total)
+        for it in range(it_lo, min(it_hi, n_main)):
+            if FLAT_K:
+                a, b = _flat_k_tiles(
+                    x_base,
+                    w_base,
+                    ih0,
+                    iw0,
+                    m_mask,
+                    n_mask,
+                    it * BLOCK_K,
+                    H,
+                    W,
+                    C_IN_G,
+                    stride_xc,
+                    stride_xh,
+                    stride_xw,
+                    stride_wc,
+                    stride_wr,
+                    stride_ws,
+                    R,
+                    S,
+                    DIL_H,
+                    DIL_W,
+                    BLOCK_K,
+                )
+            else:
+                rs = it // n_c
+                r = rs // S
+                s = rs % S
+                ih = ih0 + r * DIL_H
+                iw = iw0 + s * DIL_W
+                pix_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a_row = x_base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+                b_col = w_base + r * stride_wr + s * stride_ws
+                a, b = _channel_tiles(
+                    a_row,
+                    pix_mask,
+                    b_col,
+                    n_mask,
+                    (it % n_c) * BLOCK_K,
+                    C_IN_G,
+                    stride_xc,
+                    stride_wc,
+                    BLOCK_K,
+                )
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if HAS_SHORTCUT:
+            for it in range(max(it_lo, n_main), it_hi):
+                a, b = _channel_tiles(
+                    a2_row,
+                    m_mask,
+                    b2_col,
+                    n_mask,
+                    (it - n_main) * BLOCK_K,
+                    C_IN2,
+                    stride_x2c,
+                    stride_w2c,
+                    BLOCK_K,
+                )
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    pq_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        # This slice's fp32 partial sum, in workspace slice k (out's strides, BATCH·stride_on apart).
+        w_ptrs = (
+            out_ptr
+            + tl.program_id(2).to(tl.int64) * BATCH * stride_on
+            + (n * stride_on + p.to(tl.int64) * stride_oh + q.to(tl.int64) * stride_ow)[:, None]
+            + (co * stride_oc)[None, :]
+        )
+        tl.store(w_ptrs, acc, mask=pq_mask)
+        return
 
     # Epilogue in fp32: + bias, + residual, activation, one store.
     bias = tl.load(bias_ptr + co, mask=n_mask, other=0.0)
     acc += bias[None, :]
-    pq_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
         r_ptrs = (
             res_ptr
@@ -265,10 +426,19 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 
 
 def pick_config(
-    m: int, c_out_g: int, c_in_g: int, r: int, s: int, dtype: torch.dtype, *, interpret: bool = INTERPRET
+    m: int,
+    c_out_g: int,
+    c_in_g: int,
+    r: int,
+    s: int,
+    dtype: torch.dtype,
+    *,
+    interpret: bool = INTERPRET,
+    groups: int = 1,
+    num_sms: int | None = None,
 ) -> ConvConfig:
-    """The heuristic block config for one conv shape: the launcher's default, used where no table or
-    autotune entry has it (``fastres.kernels.tuning.select_config``), and always under the interpreter."""
+    """The heuristic block config for one conv shape, used where no table or autotune entry has it
+    (``fastres.kernels.tuning.select_config``), and always under the interpreter."""
     flat = c_in_g < FLAT_K_MAX_CIN
     k_extent = r * s * c_in_g if flat else c_in_g
     if interpret:
@@ -285,13 +455,49 @@ def pick_config(
         # registers without spills for it and for the stem (kernel report, fp16/bf16/fp32).
         block_k = 32
     block_m = min(GPU_BLOCK_M, max(MIN_BLOCK, next_pow2(m)))
+    block_n = min(GPU_BLOCK_N, max(MIN_BLOCK, next_pow2(c_out_g)))
+    block_k = min(block_k, max(MIN_BLOCK, next_pow2(k_extent)))
+    k_iters = triton.cdiv(r * s * c_in_g, block_k) if flat else r * s * triton.cdiv(c_in_g, block_k)
+    per_sm = PROGRAMS_PER_SM_FULL_TILE if block_m * block_n >= FULL_TILE else PROGRAMS_PER_SM_SMALL_TILE
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(c_out_g, block_n) * groups
     return ConvConfig(
         block_m=block_m,
-        block_n=min(GPU_BLOCK_N, max(MIN_BLOCK, next_pow2(c_out_g))),
-        block_k=min(block_k, max(MIN_BLOCK, next_pow2(k_extent))),
+        block_n=block_n,
+        block_k=block_k,
         num_warps=GPU_WARPS if block_m >= GPU_BLOCK_M else SMALL_TILE_WARPS,
         num_stages=GPU_STAGES,
+        split_k=pick_split_k(tiles, k_iters, per_sm * (num_sms or _num_sms())),
     )
+
+
+def _num_sms() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return REFERENCE_SMS
+
+
+def pick_split_k(tiles: int, k_iters: int, slots: int) -> int:
+    """K slices for ``tiles`` output tiles of ``k_iters`` K iterations on ``slots`` resident programs.
+
+    1 when the tiles fill the slots. Else the split with the least GEMM time in units of one unsplit tile:
+    ceil(tiles·split / slots) rounds of 1/split each, the fewest slices on a tie (each slice adds fp32
+    partial-sum traffic), at most SPLIT_K_MAX and each slice at least MIN_K_ITERS_PER_SPLIT iterations.
+    ResNet-50 at batch 32 on 132 SMs: 98 tiles (layer3) take 4 (0.75 of the time, 2.97 waves), 52 tiles
+    (layer4) 5 (0.4, 1.97 waves); NOTES.md has the bytes.
+
+    >>> pick_split_k(52, 72, 132), pick_split_k(98, 16, 132), pick_split_k(196, 36, 132)
+    (5, 4, 1)
+    """
+    if tiles >= slots:
+        return 1
+    best, best_cost = 1, 1.0
+    for split in range(2, SPLIT_K_MAX + 1):
+        if k_iters < split * MIN_K_ITERS_PER_SPLIT:
+            break
+        cost = triton.cdiv(tiles * split, slots) / split
+        if cost < best_cost:
+            best, best_cost = split, cost
+    return best
 
 
 def fit_ieee(cfg: ConvConfig) -> ConvConfig:
@@ -334,7 +540,7 @@ def conv_bias_act(
     shortcut_stride=1,
     precision: str | None = None,
     out: torch.Tensor | None = None,
-    config: ConvConfig | Callable[..., ConvConfig] | None = None,
+    config: ConvConfig | None = None,
 ) -> torch.Tensor:
     """act(conv2d(x, weight) + bias (+ residual) (+ conv2d(shortcut_x, shortcut_weight))) in one kernel.
 
@@ -346,8 +552,6 @@ def conv_bias_act(
     precision: fp32 dot mode, "tf32" (default, or $FASTRES_FP32_PRECISION) or "ieee".
     act: a name in ``_act.ACT_CODES``, with act_a / act_b its arguments (hardtanh min / max, leaky_relu
     slope); ``relu=True/False`` is the older spelling of act="relu" / "identity".
-    config: as ``prepare_conv``'s (None: the heuristic; ``fastres.kernels.tuning.conv_bias_act`` looks up
-    the tuned tables first).
 
     >>> y = conv_bias_act(x, w, b, stride=2, padding=1)      # doctest: +SKIP
     """
@@ -385,9 +589,11 @@ class ConvLaunch:
     >>> y = launch(x)                                                       # doctest: +SKIP
     """
 
-    __slots__ = ("out_shape", "dtype", "device", "template", "bound", "has_residual", "has_shortcut")
+    __slots__ = ("out_shape", "dtype", "device", "template", "bound", "has_residual", "has_shortcut", "split")
 
-    def __init__(self, out_shape, dtype, device, template, bound, has_residual, has_shortcut) -> None:
+    def __init__(
+        self, out_shape, dtype, device, template, bound, has_residual, has_shortcut, split=None
+    ) -> None:
         self.out_shape = out_shape
         self.dtype = dtype
         self.device = device
@@ -395,6 +601,7 @@ class ConvLaunch:
         self.bound = bound  # a BoundLaunch, or None when there is nothing to compute
         self.has_residual = has_residual
         self.has_shortcut = has_shortcut
+        self.split = split  # split-K: (workspace shape, epilogue keyword arguments), else None
 
     def __call__(self, x, residual=None, shortcut_x=None, out=None) -> torch.Tensor:
         if out is None:
@@ -403,10 +610,17 @@ class ConvLaunch:
             return out
         args = self.template.copy()
         args[0] = x
+        args[_X2] = shortcut_x if self.has_shortcut else x
+        if self.split is not None:
+            # Partial sums into a workspace (the caching allocator's block), then the epilogue pass.
+            ws_shape, epilogue = self.split
+            ws = torch.empty(ws_shape, dtype=torch.float32, device=self.device, memory_format=_CL)
+            args[4] = ws
+            self.bound(args)
+            return bias_act_epilogue(ws[: self.out_shape[0]], out=out, residual=residual, **epilogue)
         args[4] = out
         if self.has_residual:
             args[3] = residual
-        args[_X2] = shortcut_x if self.has_shortcut else x
         self.bound(args)
         return out
 
@@ -435,6 +649,7 @@ _CONV_CONSTEXPRS = (
     "BLOCK_N",
     "BLOCK_K",
     "GROUP_M",
+    "SPLIT_K",
 )
 
 
@@ -457,14 +672,10 @@ def prepare_conv(
     shortcut_stride=1,
     precision: str | None = None,
     out: torch.Tensor | None = None,
-    config: ConvConfig | Callable[..., ConvConfig] | None = None,
+    config: ConvConfig | None = None,
 ) -> tuple[ConvLaunch, torch.Tensor]:
     """Everything ``conv_bias_act`` does before the launch, for these tensors as prototypes: returns the
-    ``ConvLaunch`` and an output for this call (``out``, or a new channels_last tensor).
-
-    ``config``: a ``ConvConfig``; None for the heuristic (``pick_config``); or a config source
-    ``config(x, weight, *, stride, padding, dilation, groups, m, shortcut_c_in, launch)`` asked after the
-    checks, which is how the layer above hands in its tables (``fastres.kernels.tuning.prepare_conv``)."""
+    ``ConvLaunch`` and an output for this call (``out``, or a new channels_last tensor)."""
     stride, padding, dilation = (
         _pair(stride, "stride"),
         _pair(padding, "padding"),
@@ -536,14 +747,10 @@ def prepare_conv(
         return ConvLaunch(out_shape, x.dtype, x.device, None, None, False, False), out
     c_out_g = c_out // groups
     if config is None:
-        # The kernel's own heuristic. Tuned tables and the autotune cache are the layer above's
-        # (``fastres.kernels.tuning.prepare_conv`` passes its lookup as ``config``): this module
-        # imports neither (DESIGN.md, Layers).
-        config = pick_config(m, c_out_g, c_in_g, r, s, x.dtype)
-    elif callable(config):
-        # A config source from the layer above, asked after the checks, with a launcher that runs
-        # this conv with a given config (what an autotuner times).
-        config = config(
+        # Shipped table, then the FASTRES_AUTOTUNE cache (or a timing run), then pick_config.
+        from . import tuning  # here: tuning imports this module
+
+        config = tuning.select_config(
             x,
             weight,
             stride=stride,
@@ -577,18 +784,40 @@ def prepare_conv(
         cfg = fit_ieee(cfg)
     # Without a residual its pointer is never read: a dedicated dummy, not ``out`` (one buffer as a read
     # and a written argument misleads torch.compile), with out's strides (the same specialisation).
-    res = residual if residual is not None else unused_pointer(out)
-    res_strides = residual.stride() if residual is not None else out.stride()
     round_tf32 = x.dtype == torch.float32 and precision == "tf32" and x.device.type in TF32_ROUND_DEVICE_TYPES
+    split, dst = None, out
+    if cfg.split_k > 1:
+        # Split-K: the kernel stores fp32 partial sums in a workspace of split_k × out's shape (channels_last:
+        # slice k is BATCH·stride_on further on); the epilogue pass adds bias and residual, applies the
+        # activation. The GEMM pass reads neither, so its flags are off (one compile for every epilogue).
+        ws_shape = (cfg.split_k * batch, c_out, p, q)
+        dst = torch.empty(ws_shape, dtype=torch.float32, device=x.device, memory_format=_CL)
+        epilogue = dict(
+            bias=bias,
+            num_src=cfg.split_k,
+            src_split_stride=m * c_out,
+            act_code=code,
+            act_a=act_a,
+            act_b=act_b,
+            round_tf32=round_tf32,
+        )
+        split = (ws_shape, epilogue)
+        residual_in_gemm, code, round_tf32 = None, 0, False
+    else:
+        residual_in_gemm = residual
+    res = residual_in_gemm if residual_in_gemm is not None else unused_pointer(dst)
+    res_strides = residual_in_gemm.stride() if residual_in_gemm is not None else dst.stride()
     x2 = shortcut_x if shortcut_x is not None else x  # never read when HAS_SHORTCUT is False
     w2 = shortcut_weight if shortcut_weight is not None else weight
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out_g, cfg.block_n), groups)
+    if cfg.split_k > 1:
+        grid = (*grid, cfg.split_k)
     runtime = [
         x,
         weight,
         bias,
         res,
-        out,
+        dst,
         batch,
         h,
         w,
@@ -599,7 +828,7 @@ def prepare_conv(
         *x.stride(),
         *weight.stride(),
         *res_strides,
-        *out.stride(),
+        *dst.stride(),
         x2,
         w2,
         x2.shape[1],
@@ -618,7 +847,7 @@ def prepare_conv(
         PAD_W=padding[1],
         DIL_H=dilation[0],
         DIL_W=dilation[1],
-        HAS_RESIDUAL=residual is not None,
+        HAS_RESIDUAL=residual_in_gemm is not None,
         HAS_SHORTCUT=shortcut_x is not None,
         SC_STRIDE_H=sc_stride[0],
         SC_STRIDE_W=sc_stride[1],
@@ -630,10 +859,14 @@ def prepare_conv(
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=GROUP_M,
+        SPLIT_K=cfg.split_k,
     )
     template = runtime + [consts[name] for name in _CONV_CONSTEXPRS]
     options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     kernel = _conv_bias_act_fwd_kernel
     owner = sys.modules[__name__]
     bound = BoundLaunch(owner, kernel, grid, len(runtime), _CONV_CONSTEXPRS, options, x.device)
-    return ConvLaunch(out_shape, x.dtype, x.device, template, bound, residual is not None, x2 is not x), out
+    launch = ConvLaunch(
+        out_shape, x.dtype, x.device, template, bound, residual_in_gemm is not None, x2 is not x, split
+    )
+    return launch, out

@@ -256,3 +256,140 @@ def test_inference_mode_parameters_fold_once_and_refold_sees_in_place_edits():
         fastres.refold(fast)
         assert_close(fast(x), eager(), rel=1e-5, atol=1e-4, rtol=1e-4, what="after mul_ and refold")
     assert fast[0]._fold.folds == 2
+
+
+# ---- split-K (ConvConfig.split_k): K slices as programs, fp32 partials, the epilogue pass ----
+
+# (name, N, C_in, H, W, C_out, R, stride, padding, dilation, groups, split_k): a 3×3 over 4 taps × 2
+# channel blocks (BLOCK_K 16) split 3 ways (3, 3, 2 iterations), the flattened-K stem, a grouped 3×3, and
+# more slices than K iterations (1×1, 2 iterations over 4 slices: the last two are empty and store zeros).
+SPLIT_SHAPES = [
+    ("3x3 split3", 2, 32, 7, 6, 48, 3, 1, 1, 1, 1, 3),
+    ("stem_flat_k split2", 1, 3, 13, 11, 16, 7, 2, 3, 1, 1, 2),
+    ("grouped3x3 split2", 2, 32, 6, 6, 32, 3, 1, 1, 1, 4, 2),
+    ("1x1s2 empty_slices", 1, 32, 9, 9, 24, 1, 2, 0, 1, 1, 4),
+]
+
+
+@pytest.mark.parametrize("dtype, rel, atol, rtol", DTYPES)
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=[s[0] for s in SPLIT_SHAPES])
+def test_split_k_matches_unfolded_reference(shape, act, dtype, rel, atol, rtol):
+    """Every slice's partial reaches the sum (a lost or doubled slice is a whole K range off), with the
+    residual and the activation applied once, after the sum, into a NaN-poisoned ``out``."""
+    from fastres import activations
+    from fastres.kernels.conv import ConvConfig
+
+    _, n, c_in, h, w, c_out, r, stride, padding, dilation, groups, split = shape
+    conv, bn = make_conv_bn(c_in, c_out, r, stride, padding, dilation, groups, conv_bias=True)
+    x = torch.randn(n, c_in, h, w).to(dtype).to(memory_format=torch.channels_last)
+    p = (h + 2 * padding - dilation * (r - 1) - 1) // stride + 1
+    q = (w + 2 * padding - dilation * (r - 1) - 1) // stride + 1
+    res = torch.randn(n, c_out, p, q).to(dtype)
+    folded = fold_conv_bn(conv, bn, dtype, precision="ieee")
+    out = torch.full((n, c_out, p, q), float("nan"), dtype=dtype).to(memory_format=torch.channels_last)
+    cfg = ConvConfig(16, 16, 16, split_k=split)
+    y = conv_bias_act(
+        x,
+        folded.weight,
+        folded.bias,
+        residual=res,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        act=act,
+        precision="ieee",
+        out=out,
+        config=cfg,
+    )
+    assert y.data_ptr() == out.data_ptr() and not y.isnan().any()
+    ref = activations.apply(reference(x, conv.to(dtype), bn, res, False), act)
+    assert_close(y, ref, rel=rel, atol=atol, rtol=rtol, what=f"{shape[0]} {act} {dtype}")
+    unsplit = conv_bias_act(
+        x,
+        folded.weight,
+        folded.bias,
+        residual=res,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        act=act,
+        precision="ieee",
+        config=ConvConfig(16, 16, 16),
+    )
+    assert_close(y, unsplit, rel=rel, atol=atol, rtol=rtol, what="split vs unsplit")
+
+
+@pytest.mark.parametrize("split", [2, 3, 5])
+def test_split_k_dual_gemm_tail_with_projection_shortcut(split):
+    """The shortcut's K range is the tail of the iteration space: 64 / 16 = 4 main iterations, then
+    48 / 16 = 3 shortcut ones; slices straddle the boundary (split 2: 4 | 3; 3: 3 | 3 | 1; 5: 2 each)."""
+    from fastres.kernels.conv import ConvConfig
+
+    conv3, bn3 = make_conv_bn(64, 40, 1, 1, 0, 1, 1)
+    conv_ds, bn_ds = make_conv_bn(48, 40, 1, 2, 0, 1, 1)
+    x = torch.randn(2, 48, 9, 9).to(memory_format=torch.channels_last)
+    y = torch.randn(2, 64, 5, 5).to(memory_format=torch.channels_last)
+    ref = reference(y, conv3, bn3, reference(x, conv_ds, bn_ds, None, False), True)
+    main = fold_conv_bn(conv3, bn3, torch.float32, precision="ieee")
+    short = fold_conv_bn(conv_ds, bn_ds, torch.float32, precision="ieee")
+    got = conv_bias_act(
+        y,
+        main.weight,
+        main.bias + short.bias,
+        shortcut_x=x,
+        shortcut_weight=short.weight,
+        shortcut_stride=2,
+        precision="ieee",
+        config=ConvConfig(16, 16, 16, split_k=split),
+    )
+    assert_close(got, ref, rel=1e-5, atol=1e-4, rtol=1e-4, what=f"tail+shortcut split {split}")
+
+
+def test_split_k_is_deterministic_and_rounds_fp32_to_tf32(monkeypatch):
+    """Partials are added in split order: the same bits on every run. With the device's tf32 rounding
+    (emulated: the CPU listed), the epilogue pass rounds the output as the unsplit kernel's does."""
+    from fastres.fold import round_tf32
+    from fastres.kernels import conv as conv_mod
+    from fastres.kernels.conv import ConvConfig
+
+    conv, bn = make_conv_bn(32, 32, 3, 1, 1, 1, 1)
+    x = torch.randn(2, 32, 6, 6).to(memory_format=torch.channels_last)
+    f = fold_conv_bn(conv, bn, torch.float32, precision="ieee")
+    cfg = ConvConfig(16, 16, 16, split_k=4)
+    a = conv_bias_act(x, f.weight, f.bias, padding=1, precision="tf32", config=cfg)
+    assert torch.equal(a, conv_bias_act(x, f.weight, f.bias, padding=1, precision="tf32", config=cfg))
+    monkeypatch.setattr(conv_mod, "TF32_ROUND_DEVICE_TYPES", ("cpu",))
+    rounded = conv_bias_act(x, f.weight, f.bias, padding=1, precision="tf32", config=cfg)
+    assert not torch.equal(a, rounded) and torch.equal(rounded, round_tf32(a))
+
+
+def test_split_k_heuristic_fills_every_resnet50_layer_at_batch_32():
+    """pick_config on 132 SMs (H100): every ResNet-50 conv at batch 32 launches at least one full wave of
+    resident programs (the kernel report's waves column, compiled: test_kernel_report), splitting K only
+    where the tiles alone leave SMs idle."""
+    import math
+
+    from fastres.kernels.conv import pick_config, pick_split_k
+
+    layers = {  # (C_in, H_out·W_out, C_out, R): layer3 / layer4 convs whose tiles do not fill 132 SMs
+        "layer3 1x1 1024->256": (1024, 196, 256, 1),
+        "layer3 3x3 256": (256, 196, 256, 3),
+        "layer4 1x1 2048->512": (2048, 49, 512, 1),
+        "layer4 3x3 512": (512, 49, 512, 3),
+        "layer2 3x3 128 (fills)": (128, 784, 128, 3),
+    }
+    for name, (c_in, pq, c_out, r) in layers.items():
+        cfg = pick_config(32 * pq, c_out, c_in, r, r, torch.float16, interpret=False, num_sms=132)
+        tiles = math.ceil(32 * pq / cfg.block_m) * math.ceil(c_out / cfg.block_n)
+        per_sm = 1 if cfg.block_m * cfg.block_n >= 128 * 128 else 2
+        waves = tiles * cfg.split_k / (per_sm * 132)
+        assert waves >= 1.0, f"{name}: {waves:.2f} waves with {cfg}"
+        assert (cfg.split_k > 1) == (tiles < per_sm * 132), (
+            f"{name}: split only where the tiles leave SMs idle"
+        )
+    assert pick_split_k(52, 72, 132) == 5 and pick_split_k(98, 16, 132) == 4
+    assert pick_split_k(98, 7, 132) == 1, "each slice needs at least MIN_K_ITERS_PER_SPLIT iterations"
+    assert pick_config(100, 64, 64, 3, 3, torch.float16).split_k == 1, "the interpreter never splits"
