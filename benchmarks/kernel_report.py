@@ -16,7 +16,11 @@ tensor-core use and over-sized shared memory.
 ``--tactics`` (default ``gather``) adds rows for other tactics (``kernels/tactics.py``) on the layers
 they apply to: ``tma_gemm`` compiles the persistent descriptor GEMM for the 1×1 stride-1 layers, with
 its grid of min(#SMs, tiles) programs, and the report counts its bulk tensor copies (PTX
-``cp.async.bulk.tensor``, SASS ``UTMALDG``/``UTMASTG``; flag ``NO_TMA`` when absent).
+``cp.async.bulk.tensor``, SASS ``UTMALDG``/``UTMASTG``; flag ``NO_TMA`` when absent). ``tma_conv``
+compiles the 4-D-box implicit GEMM for the 3×3 stride-1 layers the same way. For every kernel the
+report also says where wgmma reads its A operand (``wgmma_a``, from the TTGIR: "shared" for the SS form,
+"registers" when each K step first copies the A tile into registers with ``ldmatrix``; ``ptx_ldmatrix``
+counts those copies).
 
 Batches 1 and 2 are in the default set: below M = 128 the heuristic picks other tiles (and, before
 issue 9, 4 warps for a 128-row tile, which spilled). The batch size itself is not specialised
@@ -194,7 +198,7 @@ def launch_args(shape, batch: int, dtype, shortcut=None, sms: int = ARCH_LIMITS[
     return args, consts, cfg, grid
 
 
-TACTICS = ("gather", "tma_gemm")
+TACTICS = ("gather", "tma_gemm", "tma_conv")
 
 
 def tma_gemm_reason(shape, dtype, shortcut=None) -> str | None:
@@ -261,6 +265,78 @@ def tma_launch_args(shape, batch: int, dtype, sms: int = ARCH_LIMITS[90]["sms"])
 
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(k, cfg.block_n)
     return [values[a] for a in names], consts, cfg, tma_gemm.num_programs(cfg, m, k, sms), tiles
+
+
+def tma_conv_reason(shape, dtype, shortcut=None) -> str | None:
+    """``kernels.tma_conv.applicable``'s shape rules for a ConvShape (channels_last x, packed weight)."""
+    from fastres.kernels import tma_conv
+
+    if shortcut is not None:
+        return "projection shortcut"
+    if (shape.r, shape.s, shape.stride, shape.groups) != (3, 3, 1, 1):
+        return "not 3x3/s1"
+    item = dtype.itemsize
+    if (shape.c * item) % tma_conv.TMA_ALIGN or (shape.k * item) % tma_conv.TMA_ALIGN:
+        return "channels not 16-byte aligned"
+    return None
+
+
+def tma_conv_launch_args(shape, batch: int, dtype, sms: int = ARCH_LIMITS[90]["sms"]):
+    """Positional args, constexpr kwargs, config, persistent grid and tile count, as
+    ``conv3x3_bias_act`` would pass them: channels_last x, residual and output (descriptor paths)."""
+    import torch
+    from triton.runtime.jit import MockTensor
+
+    from fastres.kernels import tma_conv
+
+    n, c, h, w, k, p, q = batch, shape.c, shape.h, shape.w, shape.k, shape.p, shape.q
+    cfg = tma_conv.pick_config(p, q, k, c, dtype, interpret=False)
+    t = MockTensor(dtype)
+    o_strides = (p * q * k, 1, q * k, k)
+    values = dict(
+        x_ptr=t,
+        w_ptr=t,
+        bias_ptr=MockTensor(torch.float32),
+        res_ptr=t,
+        out_ptr=t,
+        BATCH=n,
+        H=h,
+        W=w,
+        P=p,
+        Q=q,
+        C_IN=c,
+        C_OUT=k,
+        act_a=0.0,
+        act_b=0.0,
+    )
+    for prefix in ("r", "o"):
+        values.update({f"stride_{prefix}{d}": v for d, v in zip("nchw", o_strides, strict=True)})
+    consts = dict(
+        R=shape.r,
+        S=shape.s,
+        PAD_H=shape.padding,
+        PAD_W=shape.padding,
+        DIL_H=shape.dilation,
+        DIL_W=shape.dilation,
+        HAS_RESIDUAL=shape.has_residual,
+        RES_DESC=shape.has_residual,
+        OUT_DESC=True,
+        ACT=1 if shape.relu else 0,  # kernels/_act.ACT_CODES: relu / identity
+        DOT_PRECISION="tf32",
+        ROUND_TF32=dtype == torch.float32,  # fp32 on CUDA: the launcher's TF32_ROUND_DEVICE_TYPES
+        BLOCK_H=cfg.block_h,
+        BLOCK_W=cfg.block_w,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=tma_conv.GROUP_M,
+    )
+    kernel = tma_conv._conv3x3_bias_act_fwd_kernel
+    names = [a for a in kernel.arg_names if a not in consts]
+    unknown = [a for a in names if a not in values]
+    if unknown:
+        raise RuntimeError(f"kernel_report: tma_conv has new arguments {unknown}; teach tma_conv_launch_args")
+    tiles = tma_conv.num_tiles(cfg, n, p, q, k)
+    return [values[a] for a in names], consts, cfg, tma_conv.num_programs(cfg, tiles, sms), tiles
 
 
 def specialise(kernel, arch: int, args, consts, cfg):
@@ -366,6 +442,20 @@ def occupancy(arch: int, regs: int, smem: int, num_warps: int) -> dict:
     }
 
 
+def wgmma_operand_a(ttgir: str) -> str:
+    """Where the main loop's wgmma reads its A operand, from the TTGIR: "shared" (every
+    ``ttng.warp_group_dot`` takes A as a ``!ttg.memdesc``: the SS form, tensor cores read shared memory
+    directly), "registers" (A is a ``tensor<...>`` in the dot-operand layout: the RS form, each K step
+    first copies the A tile from shared memory into registers with ``ldmatrix``), "mixed", or "-" (none)."""
+    kinds = {
+        "shared" if ty.startswith("!ttg.memdesc") else "registers"
+        for ty in re.findall(r"ttng\.warp_group_dot [^{:\n]*(?:\{[^}\n]*\})?\s*:\s*(\S+)", ttgir)
+    }
+    if not kinds:
+        return "-"
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 def analyse(ck, arch: int, num_warps: int) -> dict:
     ptx = ck.asm["ptx"]
     arch_name = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
@@ -375,6 +465,8 @@ def analyse(ck, arch: int, num_warps: int) -> dict:
         "ptx_wgmma": ptx.count("wgmma.mma_async"),
         "ptx_mma_sync": ptx.count("mma.sync"),
         "ptx_tma": ptx.count("cp.async.bulk.tensor"),
+        "ptx_ldmatrix": ptx.count("ldmatrix"),
+        "wgmma_a": wgmma_operand_a(ck.asm.get("ttgir", "")),
         "ptx_global_loads": global_load_widths(ptx),
         **_ptxas_info(ptx, arch_name),
         **_sass_counts(ck.asm["cubin"]),
@@ -450,13 +542,20 @@ def build_report(
                 tiles, compiled = grid, kernel
             else:
                 # The copy engine and the descriptors are sm_90's; other layers are gather's alone.
-                if arch < 90 or tma_gemm_reason(shape, dtype, shortcut) is not None:
+                reason, launch = {
+                    "tma_gemm": (tma_gemm_reason, tma_launch_args),
+                    "tma_conv": (tma_conv_reason, tma_conv_launch_args),
+                }[tactic]
+                if arch < 90 or reason(shape, dtype, shortcut) is not None:
                     continue
-                sms = ARCH_LIMITS[arch]["sms"]
-                args, consts, cfg, grid, tiles = tma_launch_args(shape, batch, dtype, sms)
-                from fastres.kernels import tma_gemm
+                args, consts, cfg, grid, tiles = launch(shape, batch, dtype, ARCH_LIMITS[arch]["sms"])
+                from fastres.kernels import tma_conv, tma_gemm
 
-                compiled = tma_gemm._conv1x1_bias_act_fwd_kernel
+                compiled = (
+                    tma_gemm._conv1x1_bias_act_fwd_kernel
+                    if tactic == "tma_gemm"
+                    else tma_conv._conv3x3_bias_act_fwd_kernel
+                )
             src, options, target, key = specialise(compiled, arch, args, consts, cfg)
             t0 = time.monotonic()
             hit = key in cache
@@ -492,6 +591,8 @@ def build_report(
                     "num_stages": cfg.num_stages,
                     "split_k": getattr(cfg, "split_k", 1),
                     "flat_k": consts.get("FLAT_K", False),
+                    # tma_conv's output pixel box (block_m = block_h x block_w)
+                    **({"block_h": cfg.block_h, "block_w": cfg.block_w} if hasattr(cfg, "block_h") else {}),
                 },
                 "compile_s": round(time.monotonic() - t0, 2),
                 "cached": hit,
@@ -503,7 +604,7 @@ def build_report(
                 f"  sm_{arch} b{batch:<3} {shape.name + label:<44} regs {info['regs']!s:>4} "
                 f"spill {info['spill_store_bytes']!s:>5}B "
                 f"smem {info['shared_bytes'] // 1024:>4}KiB {info['tensor_core']:<8} occ "
-                f"{info['occupancy']:.2f} tma {info['ptx_tma']} {' '.join(info['flags'])}"
+                f"{info['occupancy']:.2f} tma {info['ptx_tma']} A {info['wgmma_a']} {' '.join(info['flags'])}"
                 f"{' (cached)' if hit else ''}"
             )
     return {
@@ -531,23 +632,27 @@ def to_markdown(doc: dict) -> str:
     multi = any(r.get("tactic", "gather") != "gather" for r in doc["records"])
     head = "| arch | batch | layer | class | " + ("tactic | " if multi else "")
     head += "config (BMxBNxBK w/s) | regs | spill B | smem KiB | tensor core | "
-    head += "TMA (PTX/UTMALDG/UTMASTG) | " if multi else ""
+    head += "TMA (PTX/UTMALDG/UTMASTG) | wgmma A | " if multi else ""
     lines = [
         f"### Kernel report: {a['model']} at {a['image']}, batch {', '.join(map(str, batches))}, "
         f"{a['dtype']} (compiled on the CPU, triton {doc['env']['triton']})",
         "",
         head + "occupancy | waves | flags |",
-        "|---" * (12 + 2 * multi) + "|",
+        "|---" * (12 + 3 * multi) + "|",
     ]
     for r in doc["records"]:
         c = r["config"]
         tactic = f"{r.get('tactic', 'gather')} | " if multi else ""
         tc = r["tensor_core"] + (
-            f" | {r.get('ptx_tma', 0)}/{r.get('sass_utmaldg', 0)}/{r.get('sass_utmastg', 0)}" if multi else ""
+            f" | {r.get('ptx_tma', 0)}/{r.get('sass_utmaldg', 0)}/{r.get('sass_utmastg', 0)}"
+            f" | {r.get('wgmma_a', '-')}"
+            if multi
+            else ""
         )
+        c_box = f"{c['block_h']}x{c['block_w']}px " if "block_h" in c else ""
         lines.append(
             f"| sm_{r['arch']} | {r['batch']} | {r['layer']} | {r['class']} | {tactic}"
-            f"{c['block_m']}x{c['block_n']}x{c['block_k']} "
+            f"{c_box}{c['block_m']}x{c['block_n']}x{c['block_k']} "
             f"{c['num_warps']}/{c['num_stages']} | {r['regs']} | {r['spill_store_bytes']} | "
             f"{r['shared_bytes'] / 1024:.0f} | {tc} | {r['occupancy']:.2f} "
             f"({r['limited_by']}) | {r['waves']} | {' '.join(r['flags']) or '-'} |"
@@ -575,7 +680,7 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--tactics",
         default="gather",
-        help="comma list of tactics to compile (gather, tma_gemm); each on the layers it applies to",
+        help="comma list of tactics to compile (gather, tma_gemm, tma_conv), each on the layers it fits",
     )
     ap.add_argument("--only", default=None, help="comma list of layer names (as shapes.py prints them)")
     ap.add_argument("--out", default=None, help="folder or .json path (default benchmarks/results/)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -437,8 +438,8 @@ def pick_config(
     groups: int = 1,
     num_sms: int | None = None,
 ) -> ConvConfig:
-    """The heuristic block config for one conv shape, used where no table or autotune entry has it
-    (``fastres.kernels.tuning.select_config``), and always under the interpreter."""
+    """The heuristic block config for one conv shape: the launcher's default, used where no table or
+    autotune entry has it (``fastres.kernels.tuning.select_config``), and always under the interpreter."""
     flat = c_in_g < FLAT_K_MAX_CIN
     k_extent = r * s * c_in_g if flat else c_in_g
     if interpret:
@@ -540,7 +541,7 @@ def conv_bias_act(
     shortcut_stride=1,
     precision: str | None = None,
     out: torch.Tensor | None = None,
-    config: ConvConfig | None = None,
+    config: ConvConfig | Callable[..., ConvConfig] | None = None,
 ) -> torch.Tensor:
     """act(conv2d(x, weight) + bias (+ residual) (+ conv2d(shortcut_x, shortcut_weight))) in one kernel.
 
@@ -552,6 +553,8 @@ def conv_bias_act(
     precision: fp32 dot mode, "tf32" (default, or $FASTRES_FP32_PRECISION) or "ieee".
     act: a name in ``_act.ACT_CODES``, with act_a / act_b its arguments (hardtanh min / max, leaky_relu
     slope); ``relu=True/False`` is the older spelling of act="relu" / "identity".
+    config: as ``prepare_conv``'s (None: the heuristic; ``fastres.kernels.tuning.conv_bias_act`` looks up
+    the tuned tables first).
 
     >>> y = conv_bias_act(x, w, b, stride=2, padding=1)      # doctest: +SKIP
     """
@@ -672,10 +675,14 @@ def prepare_conv(
     shortcut_stride=1,
     precision: str | None = None,
     out: torch.Tensor | None = None,
-    config: ConvConfig | None = None,
+    config: ConvConfig | Callable[..., ConvConfig] | None = None,
 ) -> tuple[ConvLaunch, torch.Tensor]:
     """Everything ``conv_bias_act`` does before the launch, for these tensors as prototypes: returns the
-    ``ConvLaunch`` and an output for this call (``out``, or a new channels_last tensor)."""
+    ``ConvLaunch`` and an output for this call (``out``, or a new channels_last tensor).
+
+    ``config``: a ``ConvConfig``; None for the heuristic (``pick_config``); or a config source
+    ``config(x, weight, *, stride, padding, dilation, groups, m, shortcut_c_in, launch)`` asked after the
+    checks, which is how the layer above hands in its tables (``fastres.kernels.tuning.prepare_conv``)."""
     stride, padding, dilation = (
         _pair(stride, "stride"),
         _pair(padding, "padding"),
@@ -747,10 +754,14 @@ def prepare_conv(
         return ConvLaunch(out_shape, x.dtype, x.device, None, None, False, False), out
     c_out_g = c_out // groups
     if config is None:
-        # Shipped table, then the FASTRES_AUTOTUNE cache (or a timing run), then pick_config.
-        from . import tuning  # here: tuning imports this module
-
-        config = tuning.select_config(
+        # The kernel's own heuristic. Tuned tables and the autotune cache are the layer above's
+        # (``fastres.kernels.tuning.prepare_conv`` passes its lookup as ``config``): this module
+        # imports neither (DESIGN.md, Layers).
+        config = pick_config(m, c_out_g, c_in_g, r, s, x.dtype)
+    elif callable(config):
+        # A config source from the layer above, asked after the checks, with a launcher that runs
+        # this conv with a given config (what an autotuner times).
+        config = config(
             x,
             weight,
             stride=stride,
