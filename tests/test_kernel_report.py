@@ -404,3 +404,65 @@ def test_tma_conv_compiles_with_tma_and_wgmma_without_spills():
     assert box["block_h"] > 1 and box["wgmma_a"] == "registers" and box["ptx_ldmatrix"] > 0
     # Persistent grid: 32 images x 7 boxes of 4x32 pixels x 1 column tile of 128, over 132 programs.
     assert box["tiles"] == 32 * 7 * 1 and box["grid"] == 132
+
+
+SPLIT_K_PROBE = """
+import json, torch, triton
+from triton.runtime.jit import MockTensor
+from benchmarks.kernel_report import launch_args, specialise, analyse, shortcut_variants
+from benchmarks.shapes import ConvShape
+from fastres.kernels import conv, epilogue
+
+out = {}
+layers = {
+    "layer4 3x3": (ConvShape(512, 7, 7, 512, 3, 3, 1, 1), None),
+    "layer3 1x1": (ConvShape(1024, 14, 14, 256, 1, 1, 1, 0), None),
+}
+for name, (shape, sc) in layers.items():
+    for dt in (torch.float16, torch.float32):
+        args, consts, cfg, grid = launch_args(shape, 32, dt, shortcut=sc, sms=132)
+        src, options, target, _ = specialise(conv._conv_bias_act_fwd_kernel, 90, args, consts, cfg)
+        rec = analyse(triton.compile(src, target=target, options=options.__dict__), 90, cfg.num_warps)
+        out[f"{name} {dt}"] = dict(rec, split_k=consts["SPLIT_K"], grid=grid)
+
+
+class Cfg:
+    num_warps, num_stages = epilogue.GPU_WARPS, 1
+
+
+# The epilogue pass: split-K partials (fp32, 5 sources) and the cudnn tactic's conv output (fp16, with a
+# residual and a shortcut addend), channels_last, 512 / 256 channels.
+bm, bc = epilogue.blocks(512, interpret=False)
+for name, src_dt, out_dt, n_src, res, res2 in (
+    ("splitk fp16", torch.float32, torch.float16, 5, True, False),
+    ("splitk tf32", torch.float32, torch.float32, 5, True, False),
+    ("cudnn fp16", torch.float16, torch.float16, 1, True, True),
+):
+    st = (7 * 7 * 512, 1, 7 * 512, 512)
+    args = [MockTensor(src_dt), MockTensor(torch.float32), MockTensor(out_dt), MockTensor(out_dt),
+            MockTensor(out_dt), 32 * 49, 7, 7, 512, 32 * 49 * 512, *st, *st, *st, *st, 0.0, 0.0]
+    consts = dict(NUM_SRC=n_src, HAS_RESIDUAL=res, HAS_RES2=res2, ACT=1, ROUND_TF32=out_dt == torch.float32,
+                  BLOCK_M=bm, BLOCK_C=bc)
+    src, options, target, _ = specialise(epilogue._bias_act_epilogue_kernel, 90, args, consts, Cfg)
+    out[name] = analyse(triton.compile(src, target=target, options=options.__dict__), 90, Cfg.num_warps)
+print(json.dumps(out))
+"""
+
+
+def test_split_k_gemm_and_epilogue_pass_compile_for_sm90_without_spills():
+    """The split-K GEMM pass of the layers it applies to (wgmma, no spills, >= 1 wave on 132 SMs) and the
+    epilogue pass (split-K reduce, cudnn tactic) compile cleanly for Hopper."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SPLIT_K_PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, rec in recs.items():
+        assert rec["spill_store_bytes"] == 0 and rec["spill_load_bytes"] == 0 and rec["sass_stl"] == 0, name
+        # The epilogue pass is elementwise: no tensor cores is its only allowed flag.
+        allowed = {"NO_WGMMA", "NO_TENSOR_CORES"} if name.startswith(("splitk", "cudnn")) else set()
+        assert set(rec["flags"]) <= allowed, (name, rec["flags"])
+        if name.startswith("layer"):
+            assert rec["split_k"] > 1 and rec["ptx_wgmma"] > 0, (name, rec)
+            assert rec["grid"] / (rec["blocks_per_sm"] * 132) >= 1.0, (name, rec)
