@@ -16,12 +16,19 @@ and 32 (entries are keyed by M bucket, so each batch size and resolution adds it
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fastres import activations
+from fastres.kernels import tactics as _tactics
 from fastres.kernels import tuning as _ktuning
 from fastres.kernels._common import INTERPRET
 
@@ -72,3 +79,398 @@ def tune_model(
         for key, (cfg, ms) in sorted(session.items()):
             print(f"  {key:<56} {ms * 1e3:9.1f} us  {cfg}")
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# The one-shot tuner: every tactic × its configs, per layer, checked, timed, written as it goes
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One conv launch of a model, batch-free: the conv, its epilogue (a residual, a projection shortcut
+    accumulated as a second K range, the activation) and how many times the model launches it."""
+
+    name: str
+    c_in: int
+    h: int
+    w: int
+    c_out: int
+    r: int
+    s: int
+    stride: int = 1
+    padding: int = 0
+    dilation: int = 1
+    groups: int = 1
+    residual: bool = False
+    act: str = "relu"
+    shortcut_c_in: int | None = None  # the dual GEMM: 1×1 conv of the block input (sc_h × sc_w)
+    shortcut_stride: int = 1
+    sc_h: int = 0
+    sc_w: int = 0
+    count: int = 1
+
+    @property
+    def p(self) -> int:
+        return (self.h + 2 * self.padding - self.dilation * (self.r - 1) - 1) // self.stride + 1
+
+    @property
+    def q(self) -> int:
+        return (self.w + 2 * self.padding - self.dilation * (self.s - 1) - 1) // self.stride + 1
+
+    def flops(self, batch: int = 1) -> int:
+        """2 × multiply-adds of one launch (the shortcut's K range included)."""
+        k = (self.c_in // self.groups) * self.r * self.s + (self.shortcut_c_in or 0)
+        return 2 * batch * self.p * self.q * self.c_out * k
+
+    def key(self, batch: int, dtype: torch.dtype) -> str:
+        pair = lambda v: (v, v)  # noqa: E731
+        return _ktuning.shape_key(
+            self.c_in, self.c_out, self.r, self.s, pair(self.stride), pair(self.padding), pair(self.dilation),
+            self.groups, batch * self.p * self.q, dtype, self.shortcut_c_in,
+        )  # fmt: skip
+
+
+@dataclass
+class Candidate:
+    tactic: str
+    config: object | None
+    fn: Callable[[], torch.Tensor] | None = None
+    ms: float | None = None
+    dropped: str | None = None  # why it was not kept (failed to compile or launch, wrong, not timed)
+
+
+@dataclass
+class TuneResult:
+    """What ``tune_layers`` did: the entries it wrote, what it dropped and skipped, and the time."""
+
+    path: Path
+    entries: dict = field(default_factory=dict)  # key -> kernels.tuning.Entry
+    dropped: list = field(default_factory=list)  # (key, tactic, config, reason)
+    not_started: list = field(default_factory=list)  # layer names the budget left out
+    seconds: float = 0.0
+
+
+# Per-layer bounds (DESIGN.md, Numerics): ‖out − ref‖ / ‖ref‖ against the fp64 reference. fp32 is tf32 on
+# a GPU and exact in the interpreter.
+LAYER_TOL = {torch.float16: 5e-3, torch.bfloat16: 2e-2}
+FP32_TOL = {"cuda": 2e-3, "interpreter": 1e-5}
+# Per element: |out − ref| <= ELEMENT_FACTOR · tol · (|ref| + rms(ref)), so that one wrong tile (a masking
+# bug) cannot hide in the norm; fp16 rounding alone is ~0.1 of it.
+ELEMENT_FACTOR = 8
+# do_bench_cudagraph's repetition window per candidate: 10 graph replays of ~REP_MS each (triton 3.6-3.8),
+# so ~60-100 ms per candidate with the estimate and the capture: ResNet-50 at 3 batches and 2 dtypes offers
+# ~1700 (candidate, batch, dtype) timings (benchmarks/tune.py --dry-run), more than a 240 s budget holds.
+REP_MS = 4
+# A layer is started only if the budget left covers this many times the longest layer so far (the first
+# layer: FIRST_LAYER_S), so a run ends inside its budget with every started layer written.
+LAYER_MARGIN = 1.25
+FIRST_LAYER_S = 8.0
+
+
+def layer_tol(dtype: torch.dtype, device: torch.device) -> float:
+    if dtype == torch.float32:
+        return FP32_TOL["interpreter" if INTERPRET else "cuda"]
+    return LAYER_TOL[dtype]
+
+
+def _pair(v: int) -> tuple[int, int]:
+    return (v, v)
+
+
+def _problem(layer: Layer, batch: int, dtype: torch.dtype, device: torch.device, seed: int):
+    """Inputs, the packed weights and bias of one layer at one batch and dtype, and the fp64 reference of
+    the launch (the folded conv computed in float64 from the same rounded tensors, + shortcut, + residual,
+    activation), all on ``device``."""
+    from fastres.fold import pack_weight
+
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    fan_in = (layer.c_in // layer.groups) * layer.r * layer.s
+    x = randn(batch, layer.c_in, layer.h, layer.w).contiguous(memory_format=torch.channels_last)
+    w = pack_weight(randn(layer.c_out, layer.c_in // layer.groups, layer.r, layer.s, scale=fan_in**-0.5))
+    b = torch.randn(layer.c_out, generator=g, device=device) * 0.1
+    res = sx = sw = None
+    if layer.residual:
+        res = randn(batch, layer.c_out, layer.p, layer.q).contiguous(memory_format=torch.channels_last)
+    if layer.shortcut_c_in is not None:
+        sx = randn(batch, layer.shortcut_c_in, layer.sc_h, layer.sc_w).contiguous(
+            memory_format=torch.channels_last
+        )
+        sw = pack_weight(randn(layer.c_out, layer.shortcut_c_in, 1, 1, scale=layer.shortcut_c_in**-0.5))
+    conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+    ref = F.conv2d(x.double(), w.double(), b.double(), **conv)
+    if sx is not None:
+        ref = ref + F.conv2d(sx.double(), sw.double(), stride=layer.shortcut_stride)
+    if res is not None:
+        ref = ref + res.double()
+    ref = activations.apply(ref, layer.act)
+    return dict(x=x, w=w, b=b, res=res, sx=sx, sw=sw, ref=ref)
+
+
+def _launcher(layer: Layer, prob: dict, tactic: str, config, precision: str) -> Callable[[], torch.Tensor]:
+    """A no-argument callable that runs ``tactic`` with ``config`` on the problem into one output buffer,
+    poisoned with NaN first so that an element never written shows in the check. Each tactic gets its
+    weights in its own layout (``tactics.WEIGHTS``), derived once here, not per call."""
+    layout = _tactics.WEIGHTS.get(tactic, lambda t: t)
+    w = layout(prob["w"])
+    sw = None if prob["sw"] is None else layout(prob["sw"])
+    x = prob["x"]
+    out = torch.full(prob["ref"].shape, float("nan"), dtype=x.dtype, device=x.device)
+    out = out.contiguous(memory_format=torch.channels_last)
+    kwargs = dict(
+        residual=prob["res"], stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+        groups=layer.groups, act=layer.act, shortcut_x=prob["sx"], shortcut_weight=sw,
+        shortcut_stride=layer.shortcut_stride, precision=precision, out=out, config=config, tactic=tactic,
+    )  # fmt: skip
+    return lambda: _tactics.conv_bias_act(x, w, prob["b"], **kwargs)
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str | None:
+    """None if ``out`` is within the layer bound of the fp64 reference (norm and per element), else why."""
+    if tuple(out.shape) != tuple(ref.shape):
+        return f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    diff = out.double() - ref
+    if not bool(torch.isfinite(diff).all()):
+        return "non-finite output (NaN: an element never written, or Inf)"
+    ref_norm = float(ref.norm().clamp_min(1e-300))
+    err = float(diff.norm()) / ref_norm
+    if err > tol:
+        return f"wrong: rel err {err:.3e} > {tol:g}"
+    rms = ref_norm / max(1, ref.numel()) ** 0.5
+    worst = float((diff.abs() / (ref.abs() + rms)).max())
+    if worst > ELEMENT_FACTOR * tol:
+        return f"wrong: an element off by {worst:.3e} of (|ref| + rms) > {ELEMENT_FACTOR * tol:g}"
+    return None
+
+
+def _cuda_graph_timer(fn: Callable[[], object], choice: _ktuning.Choice) -> float:
+    """Median ms of ``fn`` without host time: ``do_bench_cudagraph`` (triton 3.6 and 3.8 alike)."""
+    from triton.testing import do_bench_cudagraph
+
+    with torch.cuda.stream(torch.cuda.Stream()):
+        ms = do_bench_cudagraph(fn, rep=REP_MS, return_mode="median")
+    torch.cuda.synchronize()
+    return float(ms)
+
+
+def _compile_in_parallel(fns: list[Callable[[], object]], threads: int, log) -> float | None:
+    """Compile what ``fns`` launch, in ``threads`` threads (Triton's AsyncCompileMode, as fastres.warmup
+    does), running no kernel. A launch that raises here is left for the check, which drops it with its
+    reason. Returns the seconds taken, or None where there is nothing to compile in parallel."""
+    if INTERPRET or not torch.cuda.is_available() or threads < 2:
+        return None
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode  # Triton 3.4+
+    except ImportError:
+        return None
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastres.kernels._common import compile_only
+
+    def run():
+        with ThreadPoolExecutor(threads) as pool, AsyncCompileMode(pool), compile_only():
+            for fn in fns:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - the check launches it again and records why
+                    pass
+
+    t0 = time.perf_counter()
+    try:
+        # A copy of the context: Triton's active mode never stays set for what follows (fastres.warm).
+        contextvars.copy_context().run(run)
+    except Exception as e:  # noqa: BLE001 - then the check compiles them one by one
+        log(f"  parallel compile failed ({type(e).__name__}: {e}); compiling one by one")
+        return None
+    return time.perf_counter() - t0
+
+
+def _summary(c: Candidate) -> str:
+    cfg = c.config
+    if cfg is None:
+        text = "own choice"
+    else:
+        d = dataclasses.asdict(cfg)
+        blocks = "x".join(str(v) for k, v in d.items() if k.startswith("block_"))
+        rest = " ".join(f"{k}={v}" for k, v in d.items() if not k.startswith("block_") and v not in (None, 1))
+        text = f"{blocks} {rest}".strip()
+    return f"{c.tactic} [{text}]"
+
+
+def _entry(cands: list[Candidate], device: torch.device) -> _ktuning.Entry | None:
+    """The table entry from the timed candidates: the fastest, the runner-up (the fastest of another tactic,
+    else the second-fastest config), each tactic's best, and cuDNN's time (measured on CUDA only)."""
+    timed = sorted((c for c in cands if c.ms is not None), key=lambda c: c.ms)
+    if not timed:
+        return None
+    best = timed[0]
+    others = [c for c in timed[1:] if c.tactic != best.tactic] or timed[1:]
+    by_tactic: dict[str, _ktuning.Choice] = {}
+    for c in timed:
+        by_tactic.setdefault(c.tactic, _ktuning.Choice(c.tactic, c.config, c.ms))
+    cudnn = getattr(_tactics, "CUDNN", None)
+    cudnn_ms = by_tactic[cudnn].ms if device.type == "cuda" and cudnn in by_tactic else None
+    runner = others[0] if others else None
+    return _ktuning.Entry(
+        tactic=best.tactic,
+        config=best.config,
+        ms=best.ms,
+        runner_up=None if runner is None else _ktuning.Choice(runner.tactic, runner.config, runner.ms),
+        cudnn_ms=cudnn_ms,
+        by_tactic=by_tactic,
+    )
+
+
+def tune_layers(
+    layers: list[Layer],
+    out_path: str | os.PathLike,
+    *,
+    batches: tuple[int, ...] = (1, 32, 256),
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16),
+    budget_s: float | None = None,
+    device: str | torch.device = "cuda",
+    arch: str | None = None,
+    tactics: tuple[str, ...] | None = None,
+    candidates: Callable[..., list] | None = None,
+    timer: Callable[[Callable[[], object], _ktuning.Choice], float] | None = None,
+    threads: int | None = None,
+    precision: str = "tf32",
+    log: Callable[[str], None] = print,
+    clock: Callable[[], float] = time.perf_counter,
+) -> TuneResult:
+    """Tune every layer at every batch and dtype: each applicable tactic of the registry
+    (``kernels.tactics.TACTICS``, or ``tactics``) × its configs (``kernels.tuning.tactic_candidates``, or
+    ``candidates(tactic, layer, batch, dtype)``) is compiled (in ``threads`` threads first, on a GPU),
+    checked against the fp64 reference (a candidate that fails to compile or launch, or computes a wrong
+    result, is dropped with the reason logged), then timed without host time (``timer(fn, choice)`` -> ms;
+    default ``do_bench_cudagraph``; ``clock``, the budget's clock, is injectable too). The table
+    (``out_path``: a folder or ``<arch>.json``) is written after every (layer, dtype, batch), atomically,
+    so a killed run keeps what it measured.
+
+    Layers run in order of FLOP share (FLOPs × launches per forward), the largest first. A layer starts only
+    if the budget left covers ``LAYER_MARGIN`` × the longest layer so far; those left out are reported.
+    Two layers with one table key are tuned once (the larger share's epilogue).
+
+    >>> tune_layers(resnet_layers("resnet50"), "out/", budget_s=240)        # doctest: +SKIP
+    """
+    t_start = clock()
+    device = torch.device(device)
+    if timer is None:
+        if device.type != "cuda" or INTERPRET:
+            raise RuntimeError("tune_layers times kernels on a CUDA GPU; pass timer= to run it elsewhere")
+        timer = _cuda_graph_timer
+    arch = arch or _ktuning.device_arch(device)
+    path = Path(out_path)
+    if path.suffix != ".json":
+        path = path / f"{arch}.json"
+    names = tuple(tactics) if tactics is not None else tuple(_tactics.TACTICS)
+    threads = threads if threads is not None else min(16, os.cpu_count() or 1)
+    result = TuneResult(path)
+    tuned_on = {**_ktuning.environment(), "tuner": "fastres.tuning.tune_layers", "budget_s": budget_s}
+    if device.type != "cuda":
+        tuned_on["gpu"] = None
+        tuned_on["note"] = f"{device.type}: times from an injected timer, not a GPU measurement"
+    total = sum(layer.flops() * layer.count for layer in layers) or 1
+    order = sorted(layers, key=lambda layer: -layer.flops() * layer.count)
+    seen_keys: dict[str, str] = {}
+    longest = 0.0
+    for i, layer in enumerate(order):
+        left = None if budget_s is None else budget_s - (clock() - t_start)
+        need = LAYER_MARGIN * longest if longest else FIRST_LAYER_S
+        if left is not None and left < need:
+            result.not_started = [layer.name for layer in order[i:]]
+            log(
+                f"budget: {left:.0f} s left < {need:.0f} s for the next layer; "
+                f"{len(result.not_started)} layers not started: {', '.join(result.not_started)}"
+            )
+            break
+        t_layer = clock()
+        share = 100 * layer.flops() * layer.count / total
+        log(f"[{i + 1}/{len(order)}] {layer.name} ({share:.1f} % of the FLOPs, {layer.count} launches)")
+        units = []
+        for dtype in dtypes:
+            for batch in batches:
+                key = layer.key(batch, dtype)
+                if key in seen_keys:
+                    log(f"  {key}: tuned with {seen_keys[key]}")
+                    continue
+                seen_keys[key] = layer.name
+                units.append((dtype, batch, key))
+        # Every unit's candidates, built first, so that they compile together.
+        work = []
+        for dtype, batch, key in units:
+            prob = _problem(layer, batch, dtype, device, seed=i)
+            cands = []
+            for name in names:
+                sw = prob["sw"]
+                w = _tactics.WEIGHTS.get(name, lambda t: t)(prob["w"])
+                why = _tactics.applicable(
+                    name, prob["x"], w, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+                    groups=layer.groups, shortcut=sw is not None,
+                )  # fmt: skip
+                if why is not None:
+                    continue
+                if candidates is not None:
+                    configs = candidates(name, layer, batch, dtype)
+                else:
+                    configs = _ktuning.tactic_candidates(
+                        name, m=batch * layer.p * layer.q, c_in=layer.c_in, c_out=layer.c_out, r=layer.r,
+                        s=layer.s, groups=layer.groups, dtype=dtype,
+                    )  # fmt: skip
+                for cfg in configs:
+                    cands.append(Candidate(name, cfg, _launcher(layer, prob, name, cfg, precision)))
+            work.append((dtype, batch, key, prob, cands))
+        compile_s = _compile_in_parallel([c.fn for *_, cands in work for c in cands], threads, log)
+        if compile_s is not None:
+            n = sum(len(w[-1]) for w in work)
+            log(f"  compiled {n} candidates in {threads} threads: {compile_s:.1f} s")
+        for dtype, batch, key, prob, cands in work:
+            tol = layer_tol(dtype, device)
+            for c in cands:
+                try:
+                    out = c.fn()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                except Exception as e:  # noqa: BLE001 - triton's OutOfResources, CompilationError, ...
+                    c.dropped = (
+                        f"failed to compile or launch: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    )
+                else:
+                    c.dropped = _check(out, prob["ref"], tol)
+                if c.dropped is None:
+                    try:
+                        c.ms = float(timer(c.fn, _ktuning.Choice(c.tactic, c.config)))
+                    except Exception as e:  # noqa: BLE001
+                        c.dropped = f"not timed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                if c.dropped is not None:
+                    result.dropped.append((key, c.tactic, c.config, c.dropped))
+                    log(f"  dropped {_summary(c)}: {c.dropped}")
+            entry = _entry(cands, device)
+            dt = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+            if entry is None:
+                log(f"  {dt} b{batch}: no candidate passed; nothing written for {key}")
+                continue
+            _ktuning.write_table(path, arch, {key: entry}, tuned_on=tuned_on)
+            result.entries[key] = entry
+            best = next(c for c in cands if c.ms == entry.ms and c.tactic == entry.tactic)
+            runner = entry.runner_up
+            cudnn = "null (not measured)" if entry.cudnn_ms is None else f"{entry.cudnn_ms * 1e3:.1f} us"
+            log(
+                f"  {dt} b{batch}: {_summary(best)} {entry.ms * 1e3:.1f} us; runner-up "
+                + ("none" if runner is None else f"{runner.tactic} {runner.ms * 1e3:.1f} us")
+                + f"; cuDNN {cudnn}; {sum(c.ms is not None for c in cands)}/{len(cands)} timed"
+            )
+            del prob
+        del work
+        longest = max(longest, clock() - t_layer)
+        elapsed = clock() - t_start
+        left_text = "" if budget_s is None else f", {budget_s - elapsed:.0f} s left"
+        took = clock() - t_layer
+        log(f"  layer done in {took:.1f} s ({elapsed:.0f} s total{left_text}) -> {path}")
+    _ktuning.clear_cache()  # this process reads the new table from now on
+    result.seconds = clock() - t_start
+    return result

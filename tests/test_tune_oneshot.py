@@ -1,0 +1,214 @@
+"""The one-shot tuner (``fastres.tuning.tune_layers``, ``python -m benchmarks.tune``) end to end on the CPU.
+
+The kernels run in Triton's interpreter; the timer and the budget's clock are injected fakes (no CPU time
+stands for a GPU time), so the choice, the budget stop and the table are deterministic. Checked: every
+registered tactic that applies is offered; a candidate that fails to compile is dropped with its reason;
+a candidate that computes a wrong result is dropped by the fp64 reference check and never timed; the
+table is on disk after every (layer, dtype, batch), in format 2, and the lookup reads it; the runner-up
+is recorded and cuDNN's time is null off a GPU; the budget stops before a layer that would not fit.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastres import tuning as ftuning
+from fastres.fold import pack_weight
+from fastres.kernels import tactics
+from fastres.kernels import tuning as ktuning
+from fastres.kernels.conv import ConvConfig
+from fastres.tuning import Layer, tune_layers
+
+REPO = Path(__file__).resolve().parent.parent
+FP16 = torch.float16
+GOOD_SLOW = ConvConfig(16, 16, 16, 4, 2)
+GOOD_FAST = ConvConfig(32, 16, 16, 4, 2)
+BROKEN = ConvConfig(24, 16, 16, 4, 2)  # tl.arange(0, 24): not a power of two, cannot compile
+WRONG = ConvConfig(16, 32, 16, 4, 2)  # runs, but the test makes its output 2 % off
+# Fake times (ms) per (tactic, config): gather's fast config wins, cuDNN is the runner-up.
+TIMES = {("gather", GOOD_SLOW): 3.0, ("gather", GOOD_FAST): 1.0, ("cudnn", None): 1.5}
+OTHER_MS = 4.0
+TIMING_S = 10.0  # fake seconds each timing costs on the budget's clock
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTRES_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTRES_CONFIG_DIR", raising=False)
+    monkeypatch.delenv("FASTRES_AUTOTUNE", raising=False)
+    monkeypatch.delenv("FASTRES_TACTICS", raising=False)
+    ktuning.clear_cache()
+    yield
+    ktuning.clear_cache()
+
+
+def three_layers():
+    """Three 3×3 layers with the same tactics and candidates (so each takes the same fake time), listed
+    out of FLOP-share order: b (count 3) has the largest share, then a, then c."""
+    return [
+        Layer("c", 16, 4, 4, 16, 3, 3, padding=1),
+        Layer("a", 16, 6, 6, 16, 3, 3, padding=1, residual=True),
+        Layer("b", 16, 6, 6, 32, 3, 3, padding=1, count=3),
+    ]
+
+
+def candidates(tactic, layer, batch, dtype):
+    """Gather: two good configs, one that cannot compile, one made wrong; every other tactic its own."""
+    return [GOOD_SLOW, GOOD_FAST, BROKEN, WRONG] if tactic == "gather" else [None]
+
+
+class Fakes:
+    """The timer and the clock: each timing advances the clock and records which table keys were on disk."""
+
+    def __init__(self, path):
+        self.path = path
+        self.now = 0.0
+        self.timed = []  # (tactic, config)
+        self.on_disk = []  # table keys present when each timing started
+
+    def clock(self):
+        return self.now
+
+    def timer(self, fn, choice):
+        self.now += TIMING_S
+        self.timed.append((choice.tactic, choice.config))
+        self.on_disk.append(set(ktuning.read_table(self.path)) if self.path.exists() else set())
+        return TIMES.get((choice.tactic, choice.config), OTHER_MS)
+
+
+@pytest.fixture
+def wrong_when_asked(monkeypatch):
+    real = tactics.conv_bias_act
+
+    def run(*args, config=None, **kwargs):
+        out = real(*args, config=config, **kwargs)
+        return out.mul_(1.02) if config == WRONG else out
+
+    monkeypatch.setattr(tactics, "conv_bias_act", run)
+
+
+def test_tune_layers_end_to_end(tmp_path, monkeypatch, wrong_when_asked):
+    layers = three_layers()
+    path = tmp_path / "cfg" / "sm_90.json"
+    fakes = Fakes(path)
+    applicable = [n for n in tactics.TACTICS if n not in ("tma_gemm",)]  # 3x3: every tactic but the 1x1 GEMM
+    timed_per_unit = len(applicable) - 1 + 2  # gather: 2 of its 4 configs pass; the others: their own one
+    unit_s = timed_per_unit * TIMING_S
+    layer_s = 2 * unit_s  # batches 1 and 2
+    # After two layers 0.5 layer is left: less than 1.25 x a layer, so the third is not started.
+    budget = 2.5 * layer_s
+    logs = []
+    result = tune_layers(
+        layers, path, batches=(1, 2), dtypes=(FP16,), budget_s=budget, device="cpu", arch="sm_90",
+        candidates=candidates, timer=fakes.timer, clock=fakes.clock, log=logs.append,
+    )  # fmt: skip
+    text = "\n".join(logs)
+    # Budget: the largest shares first (b, then a); c not started, and the run ended inside its budget.
+    assert result.not_started == ["c"] and "1 layers not started: c" in text
+    assert fakes.now <= budget
+    by_name = {lay.name: lay for lay in layers}
+    keys = {by_name[n].key(b, FP16) for n in "ab" for b in (1, 2)}
+    assert set(result.entries) == keys and set(ktuning.read_table(path, strict=True)) == keys
+    # Every registered tactic that applies was offered and timed; broken and wrong ones never timed.
+    assert {t for t, _ in fakes.timed} == set(applicable)
+    assert (("gather", BROKEN) not in fakes.timed) and (("gather", WRONG) not in fakes.timed)
+    assert len(fakes.timed) == 4 * timed_per_unit
+    reasons = {(cfg, why.split(":")[0]) for _, t, cfg, why in result.dropped if t == "gather"}
+    assert reasons == {(BROKEN, "failed to compile or launch"), (WRONG, "wrong")}
+    assert len(result.dropped) == 2 * 4  # two per (layer, batch)
+    assert "dropped gather [24x16x16" in text and "power of 2" in text and "rel err" in text
+    # Written after every (layer, dtype, batch): the second unit's timings saw the first unit's key on disk.
+    first_key = by_name["b"].key(1, FP16)
+    assert first_key not in fakes.on_disk[0] and first_key in fakes.on_disk[timed_per_unit]
+    # The entry: gather's fast config, the runner-up cuDNN (another tactic), cuDNN's time null on the CPU.
+    data = json.loads(path.read_text())
+    assert (
+        data["format"] == 2
+        and data["tuned_on"]["gpu"] is None
+        and "injected timer" in data["tuned_on"]["note"]
+    )
+    for key in keys:
+        entry = ktuning.read_table(path, strict=True)[key]
+        assert (entry.tactic, entry.config, entry.ms) == ("gather", GOOD_FAST, 1.0)
+        assert entry.runner_up == ktuning.Choice("cudnn", None, 1.5)
+        assert entry.cudnn_ms is None and data["configs"][key]["cudnn_ms"] is None
+        assert set(entry.by_tactic) == set(applicable)
+    # The lookup reads it: gather's config for the launcher, the tactic for the report.
+    monkeypatch.setenv("FASTRES_CONFIG_DIR", str(path.parent))
+    monkeypatch.setattr(ktuning, "INTERPRET", False)
+    monkeypatch.setattr(ktuning, "device_arch", lambda device: "sm_90")
+    ktuning.clear_cache()
+    b = by_name["b"]
+    x = torch.empty(2, b.c_in, b.h, b.w, dtype=FP16).contiguous(memory_format=torch.channels_last)
+    w = pack_weight(torch.empty(b.c_out, b.c_in, 3, 3, dtype=FP16))
+    cfg = ktuning.select_config(x, w, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1, m=2 * 36)
+    assert cfg == GOOD_FAST
+    name, why, entry = ktuning.tuned_tactic(x, w, padding=1, arch="sm_90")
+    assert (name, why) == ("gather", "gather: tuned table") and entry.runner_up.tactic == "cudnn"
+
+
+def test_a_dual_gemm_layer_is_checked_against_its_shortcut(tmp_path):
+    """The reference includes the projection shortcut: a layer with one tunes (were the reference wrong,
+    every candidate would be dropped and nothing written); gather's applicable, the TMA GEMM's is not."""
+    layer = Layer("tail", 16, 4, 4, 32, 1, 1, shortcut_c_in=16, shortcut_stride=2, sc_h=8, sc_w=8)
+    fakes = Fakes(tmp_path / "sm_90.json")
+    result = tune_layers(
+        [layer], tmp_path, batches=(2,), dtypes=(FP16,), device="cpu", arch="sm_90",
+        candidates=lambda t, *a: [GOOD_FAST] if t == "gather" else [None], timer=fakes.timer,
+        log=lambda m: None,
+    )  # fmt: skip
+    (key,) = result.entries
+    assert key.endswith("-sc16") and not result.dropped
+    assert "tma_gemm" not in {t for t, _ in fakes.timed} and "gather" in {t for t, _ in fakes.timed}
+
+
+def test_tune_layers_needs_a_timer_off_the_gpu(tmp_path):
+    with pytest.raises(RuntimeError, match="timer="):
+        tune_layers(three_layers(), tmp_path, device="cpu", arch="sm_90")
+
+
+def test_model_layers_are_the_launches_the_converted_model_makes(monkeypatch):
+    """benchmarks.tune's layer list for a tiny ResNet has exactly the keys of the launches fastres makes
+    (recorded through tune_session in the interpreter, configs looked up as on sm_90)."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    import fastres
+    from benchmarks.tune import model_layers
+
+    monkeypatch.setattr(ktuning, "INTERPRET", False)
+    monkeypatch.setattr(ktuning, "device_arch", lambda device: "sm_90")
+    monkeypatch.setattr(ktuning, "_can_benchmark", lambda x: True)
+    monkeypatch.setattr(ktuning, "benchmark", lambda launch, configs: (configs[0], 1.0))
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval()
+    fast = fastres.convert(model.half())
+    with torch.inference_mode(), ktuning.tune_session() as session:
+        fast(torch.randn(2, 3, 32, 32, dtype=FP16))
+    layers = model_layers(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10), 32)
+    assert sorted({lay.key(2, FP16) for lay in layers}) == sorted(session)
+
+
+def test_resnet50_layers_count_every_fused_launch():
+    """ResNet-50: 53 convs, of which the 4 projection shortcuts ride in their block's last conv: 49
+    launches per forward over 24 distinct layers."""
+    from benchmarks.tune import resnet_layers
+
+    layers = resnet_layers("resnet50")
+    assert sum(lay.count for lay in layers) == 49 and len(layers) == 24
+    assert sum(lay.shortcut_c_in is not None for lay in layers) == 4
+    assert len({lay.key(32, FP16) for lay in layers}) == 24
+
+
+def test_tuner_dry_run_prints_the_plan():
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.tune", "--dry-run", "--budget-s", "240"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "tuner plan: 24 layers x 3 batches x 2 dtypes" in out and "tuner dry run OK" in out
+    assert all(name in out for name in tactics.TACTICS)
+    assert ftuning.REP_MS > 0  # the GPU timer's window is set
