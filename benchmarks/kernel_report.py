@@ -110,11 +110,12 @@ def shortcut_variants(model: str = "resnet50", image: int = 224) -> list[Shortcu
     return list(found.values())
 
 
-def launch_args(shape, batch: int, dtype, shortcut=None, sms: int = ARCH_LIMITS[90]["sms"]):
+def launch_args(shape, batch: int, dtype, shortcut=None, sms: int = ARCH_LIMITS[90]["sms"], config=None):
     """Positional args, constexpr kwargs and config, as ``conv_bias_act`` would pass them for ``shape``
     with channels_last activations and a prepacked weight (C_out stride 1), on a part with ``sms`` SMs.
     With split-K (``cfg.split_k`` > 1) this is the GEMM pass: residual, activation and tf32 rounding move
-    to the epilogue pass (``kernels/epilogue.py``), and the grid has ``split_k`` programs per tile."""
+    to the epilogue pass (``kernels/epilogue.py``), and the grid has ``split_k`` programs per tile.
+    ``config``: a ``ConvConfig`` in place of the heuristic's (as a tuned table gives one)."""
     import torch
     from triton.runtime.jit import MockTensor
 
@@ -127,7 +128,7 @@ def launch_args(shape, batch: int, dtype, shortcut=None, sms: int = ARCH_LIMITS[
     w_strides = (1, k, s * c_in_g * k, c_in_g * k)  # pack_weight: memory order (R, S, C_in, C_out)
     o_strides = (p * q * k, 1, q * k, k)
     m = n * p * q
-    cfg = conv.pick_config(m, c_out_g, c_in_g, r, s, dtype, interpret=False, groups=g, num_sms=sms)
+    cfg = config or conv.pick_config(m, c_out_g, c_in_g, r, s, dtype, interpret=False, groups=g, num_sms=sms)
     split = cfg.split_k > 1
     t = MockTensor(dtype)
     # Runtime arguments by name, so a reordered signature still lines up (without a residual the launcher

@@ -212,9 +212,8 @@ for name in ("3x224x224->64 7x7/s2", "64x56x56->64 3x3/s1", "512x7x7->2048 1x1/s
     for dt in (torch.float16, torch.float32):
         keys = set()
         for batch in (1, 4, 32):
-            args, consts, _, _ = launch_args(layers[name], batch, dt)
             cfg = ConvConfig(128, 64, 32, 8, 4)  # one config for every batch, as a tuned table may give
-            consts.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k)
+            args, consts, _, _ = launch_args(layers[name], batch, dt, config=cfg)
             keys.add(specialise(conv._conv_bias_act_fwd_kernel, 90, args, consts, cfg)[3])
         out[f"conv {name} {dt}"] = len(keys)
 
