@@ -1,7 +1,9 @@
 """Per-layer benchmark: the fused fastres conv kernel against its peers, on every distinct ResNet layer.
 
 Providers (all on channels_last activations, BN statistics randomised):
-  fastres      ``fastres.kernels.conv.conv_bias_act`` (conv + folded BN + residual + ReLU, one kernel)
+  fastres      ``fastres.kernels.tuning.conv_bias_act`` (conv + folded BN + residual + ReLU, one gather
+               kernel, its config from the tables as the modules get it: FASTRES_CONFIG_DIR, shipped, else
+               the heuristic)
   eager        cuDNN conv, eager BN, (+ add), ReLU: what an unconverted model runs
   cudnn_fused  BN folded, ``torch.cudnn_convolution_relu`` / ``torch.cudnn_convolution_add_relu``
   compile      ``torch.compile`` (Inductor, freezing on) of the same conv-BN-ReLU(-add) module
@@ -126,7 +128,7 @@ def provider_fn(provider: str, shape, layer, x, res, dtype_name: str):
     dtype = torch_dtype(dtype_name)
     if provider == "fastres":
         from fastres.fold import fold_conv_bn
-        from fastres.kernels.conv import conv_bias_act
+        from fastres.kernels.tuning import conv_bias_act
 
         # fastres's own fold, as the modules make it (fp32 weights rounded to tf32 for tf32 dots);
         # the reference is the unfolded eager layer, so a folding bug still shows.

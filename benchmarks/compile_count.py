@@ -4,9 +4,12 @@ Every launch through the fastres launchers is intercepted (under the interpreter
 reduced to what Triton keys a compile on: the kernel, its constexprs, the dtypes of its tensors, the
 specialisation of its integer arguments (== 1, multiple of 16; sizes in ``do_not_specialize`` are not
 specialised) and, for the conv, the block config and warps the GPU would pick (``pick_config`` with
-``interpret=False``; the shipped sm_90 table is empty, so the heuristic decides). The result is an
-upper bound: a pointer-alignment difference could add a compile, none is merged that Triton would keep
-apart except by that.
+``interpret=False``; the shipped sm_90 table is empty, so the heuristic decides); for the other kernels
+their block sizes, warps and stages as launched. The result is an upper bound: a pointer-alignment
+difference could add a compile, none is merged that Triton would keep apart except by that.
+
+It also counts what the one-shot tuner (``benchmarks/tune.py``) compiles: every candidate of every tactic
+that applies, per ResNet-50 layer, batch and dtype (``tuner_keys``).
 
     TRITON_INTERPRET=1 python -m benchmarks.compile_count
 """
@@ -38,10 +41,17 @@ def _int_spec(v: int) -> str:
 def recording(keys: set, *, config=None):
     """Intercept launches: each adds its compile key to ``keys``; no kernel runs. ``config`` (a
     ConvConfig) replaces the heuristic one, as a test that passes its own config does."""
-    from fastres.kernels import conv as conv_kernels
-    from fastres.kernels import pool as pool_kernels
+    import importlib
 
-    saved = [(m, m.launchable) for m in (conv_kernels, pool_kernels)]
+    from fastres.kernels import conv as conv_kernels
+
+    mods = []
+    for name in ("conv", "pool", "tma_gemm", "tma_conv", "epilogue"):
+        try:
+            mods.append(importlib.import_module(f"fastres.kernels.{name}"))
+        except ImportError:  # a kernel family this checkout does not have
+            continue
+    saved = [(m, m.launchable) for m in mods if hasattr(m, "launchable")]
 
     def fake(kernel):
         fn = getattr(kernel, "fn", kernel)
@@ -66,7 +76,7 @@ def recording(keys: set, *, config=None):
                             sig.append("i" if arg in unspec or i in unspec else _int_spec(a))
                     skip = BLOCKS + ("num_warps", "num_stages")
                     const = {k: v for k, v in kw.items() if k not in skip}
-                    cfg = None
+                    cfg = tuple(sorted((k, v) for k, v in kw.items() if k in skip))  # as launched
                     if name == "_conv_bias_act_fwd_kernel":
                         a = dict(zip(names, args, strict=False))
                         m = a["BATCH"] * a["P"] * a["Q"]
@@ -133,8 +143,17 @@ def gpu_test_keys() -> dict[str, set]:
         q = (w + 2 * padding - dilation * (r - 1) - 1) // stride + 1
         res = torch.randn(n, c_out, p, q).to(f.weight.dtype)
         with recording(keys, config=config):
-            conv_bias_act(x, f.weight, f.bias, residual=res, stride=stride, padding=padding,
-                          dilation=dilation, groups=groups, precision=precision)
+            conv_bias_act(
+                x,
+                f.weight,
+                f.bias,
+                residual=res,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                precision=precision,
+            )
 
     for shape, dtype, precision, *_ in t.LAYER_CASES:
         k: set = set()
@@ -153,6 +172,58 @@ def gpu_test_keys() -> dict[str, set]:
     return out
 
 
+def tuner_keys(dtypes=(torch.float16, torch.bfloat16), batches=(1, 32, 256)) -> dict[str, set]:
+    """What ``python -m benchmarks.tune`` compiles on ResNet-50, per tactic: each candidate config of each
+    tactic that applies (``kernels.tuning.tactic_candidates``, for the batch's M), launched once under
+    ``recording`` at batch 1 (the compile key does not depend on the batch; the candidates do, through M).
+    cuDNN's own convs are not Triton compiles; its epilogue pass is counted where it runs."""
+    from benchmarks.tune import resnet_layers
+    from fastres.fold import pack_weight
+    from fastres.kernels import tactics, tuning
+
+    out: dict[str, set] = {name: set() for name in tactics.TACTICS}
+    for layer in resnet_layers("resnet50"):
+        for dtype in dtypes:
+            run = torch.float16 if dtype == torch.bfloat16 else dtype  # the interpreter refuses bf16 dots
+            x = (
+                torch.randn(1, layer.c_in, layer.h, layer.w)
+                .to(run)
+                .contiguous(memory_format=torch.channels_last)
+            )
+            w = pack_weight(torch.randn(layer.c_out, layer.c_in // layer.groups, layer.r, layer.s).to(run))
+            b = torch.randn(layer.c_out)
+            res = torch.randn(1, layer.c_out, layer.p, layer.q).to(run) if layer.residual else None
+            sx = sw = None
+            if layer.shortcut_c_in is not None:
+                sx = torch.randn(1, layer.shortcut_c_in, layer.sc_h, layer.sc_w).to(run)
+                sx = sx.contiguous(memory_format=torch.channels_last)
+                sw = pack_weight(torch.randn(layer.c_out, layer.shortcut_c_in, 1, 1).to(run))
+            for name in tactics.TACTICS:
+                layout = tactics.WEIGHTS.get(name, lambda t: t)
+                conv = dict(
+                    stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups
+                )
+                if tactics.applicable(name, x, layout(w), shortcut=sx is not None, **conv) is not None:
+                    continue
+                for batch in batches:
+                    m = batch * layer.p * layer.q
+                    configs = tuning.tactic_candidates(
+                        name, m=m, c_in=layer.c_in, c_out=layer.c_out, r=layer.r, s=layer.s,
+                        groups=layer.groups, dtype=dtype,
+                    )  # fmt: skip
+                    for cfg in configs:
+                        keys: set = set()
+                        gather_cfg = cfg if isinstance(cfg, tuning._conv.ConvConfig) else None
+                        with recording(keys, config=gather_cfg):
+                            tactics.conv_bias_act(
+                                x, layout(w), b, residual=res, act=layer.act, shortcut_x=sx,
+                                shortcut_weight=None if sw is None else layout(sw),
+                                shortcut_stride=layer.shortcut_stride, config=cfg, tactic=name, **conv,
+                            )  # fmt: skip
+                        out[name] |= {(*k, str(dtype)) for k in keys}
+    return out
+
+
 def main() -> int:
     ensure_fastres()
     gpu = gpu_test_keys()
@@ -164,10 +235,19 @@ def main() -> int:
     bench = set()
     for batch in (1, 32, 256):
         bench |= model_keys("resnet50", torch.float16, batch, 224)
-    print(f"bench_models ResNet-50 fp16 b1/32/256: {len(bench)} compiles, {len(bench - gpu['models'])} not "
-          "already compiled by test_gpu")
+    print(
+        f"bench_models ResNet-50 fp16 b1/32/256: {len(bench)} compiles, {len(bench - gpu['models'])} not "
+        "already compiled by test_gpu"
+    )
     tiny = model_keys("resnet_tiny", torch.float16, 2, 32)
     print(f"one-block-per-stage ResNet (the other GPU tests' model), one dtype: {len(tiny)} compiles")
+    tuner = tuner_keys()
+    every = set().union(*tuner.values())
+    per = ", ".join(f"{name} {len(keys)}" for name, keys in tuner.items())
+    print(
+        f"one-shot tuner, ResNet-50 b1/32/256 fp16+bf16: {len(every)} compiles ({per}), "
+        f"{len(every - bench)} not compiled by the model plan"
+    )
     return 0
 
 

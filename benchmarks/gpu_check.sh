@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check: GPU tests, both benchmark suites and the report, in one go, on one GPU.
+# The GPU check: GPU tests, the one-shot tuner, both benchmark suites and the report, in one go, on one GPU.
 #
 #   benchmarks/gpu_check.sh OUTDIR [--quick] [--dry-run]
 #
-# Full run < 10 minutes on one H100/H200 at worst, compiles included (--quick: < 5 minutes); the plan
-# prints its worst case. Uses only the machine's python3 with its
+# Full run < 10 minutes on one H100/H200 at worst, compiles included (--quick: about 6 minutes); the plan
+# prints its worst case. The tuner (python -m benchmarks.tune) runs after the GPU tests and before the
+# model benchmarks, which then read its table through FASTRES_CONFIG_DIR. Uses only the machine's python3 with its
 # own torch (>= 2.11) and triton (>= 3.6); installs nothing, needs no network. fastres is imported
 # from this source tree: the benchmark scripts call benchmarks/_bootstrap.py, which registers
 # repo/kernels as fastres.kernels when fastres is not installed, and pytest loads the same module as
@@ -13,9 +14,11 @@
 #
 # OUTDIR receives few files (a GPU machine returns at most 8): gpu_check.log (everything printed),
 # results.json (all runs combined), report.md, kernels_speedup.png, models_throughput.png,
-# roofline.png (6 files, each well under 16 MiB); results.json is rewritten after every benchmark
-# step. The last thing printed is a short summary table.
-# --dry-run: print the plan and check that everything imports, on the CPU; runs no benchmark.
+# roofline.png and the tuned table <arch>.json (7 files, each well under 16 MiB; the table is copied
+# after every benchmark step too, so a killed run still returns what the tuner wrote); results.json is
+# rewritten after every benchmark step. The last thing printed is a short summary table.
+# --dry-run: print the plan (the tuner's included) and check that everything imports, on the CPU; runs no
+# benchmark.
 set -uo pipefail
 
 usage() { echo "usage: $0 OUTDIR [--quick] [--dry-run]" >&2; exit 2; }
@@ -29,6 +32,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d)
+TUNED=$WORK/configs  # the tuner's table: its own folder, as report.py reads every JSON in $WORK
 trap 'rm -rf "$WORK"' EXIT
 LOG=$OUT/gpu_check.log
 : > "$LOG"
@@ -49,20 +53,25 @@ fi
 KILL_S=10; T_REPORT=20; T_START=10
 if [ $QUICK = 1 ]; then
   T_TESTS=60; TEST_SEL=(tests/test_gpu.py -m gpu)
-  B_KERN=25; S_KERN=15; B_MODEL=90; S_MODEL=20; T_COLD=0; T_ROOF=20
+  B_TUNE=40; S_TUNE=10; TUNE_ARGS=(--models resnet50 --batches 1,32 --dtypes fp16)
+  B_KERN=25; S_KERN=15; B_MODEL=70; S_MODEL=20; T_COLD=0; T_ROOF=20
   ROOF_ARGS=(--models resnet50 --batches 1,32)
   KERN_ARGS=(--models resnet50 --batches 32 --dtypes fp16 --providers fastres,eager,cudnn_fused --rep-ms 40)
   MODEL_ARGS=(--models resnet50 --batches 1,32 --dtypes fp16 --rep-ms 100)
 else
-  T_TESTS=140; TEST_SEL=(tests -m "gpu or cuda_ok")
-  B_KERN=50; S_KERN=20; B_MODEL=180; S_MODEL=30; T_COLD=70; T_ROOF=20
+  T_TESTS=100; TEST_SEL=(tests -m "gpu or cuda_ok")
+  # The tuner: ResNet-50's 24 launch shapes by FLOP share, b1/32/256, fp16 then bf16, every tactic.
+  B_TUNE=150; S_TUNE=15; TUNE_ARGS=(--models resnet50 --batches 1,32,256 --dtypes fp16,bf16)
+  # Per-layer kernels shrank to fastres/eager/cuDNN first (the tuner's table has every tactic's and
+  # cuDNN's time per layer); the cold start left the 10 minutes for the tuner (run it on its own).
+  B_KERN=30; S_KERN=15; B_MODEL=150; S_MODEL=25; T_COLD=0; T_ROOF=15
   ROOF_ARGS=(--models resnet18,resnet50,resnet101,resnet152 --batches 1,32,256)
   KERN_ARGS=(--models resnet50,resnet18,resnet101 --batches 32,256 --dtypes fp16,bf16,tf32 --rep-ms 50)
   # First ResNet-50 fp16 at batch 1/32/256 with every provider; wider groups only with budget left.
   MODEL_ARGS=(--models resnet50,resnet18,resnet101,resnet152 --batches 1,32,256 --dtypes fp16,bf16 --rep-ms 100)
 fi
-WORST=$((T_START + T_TESTS + KILL_S + B_MODEL + S_MODEL + KILL_S + B_KERN + S_KERN + KILL_S + T_ROOF + KILL_S
-         + T_REPORT + 4 * 2))
+WORST=$((T_START + T_TESTS + KILL_S + B_TUNE + S_TUNE + KILL_S + B_MODEL + S_MODEL + KILL_S
+         + B_KERN + S_KERN + KILL_S + T_ROOF + KILL_S + T_REPORT + 4 * 2))
 [ $T_COLD -gt 0 ] && WORST=$((WORST + T_COLD + KILL_S))
 # pytest-xdist (on the GPU machine): 8 workers compile in parallel; serial otherwise.
 if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); else XDIST=(); fi
@@ -87,18 +96,21 @@ if [ $DRY = 1 ]; then
   TRITON_INTERPRET=1 "$PY" - <<'PYEOF' || exit 1
 from benchmarks._bootstrap import ensure_fastres
 how = ensure_fastres()
-import fastres, fastres.ops, fastres.kernels.conv  # noqa: E401,F401
-from benchmarks import bench_kernels, bench_models, cold_start, kernel_report, report, roofline, shapes, smoke  # noqa: F401,E501
+import fastres, fastres.ops, fastres.kernels.conv, fastres.kernels.tuning, fastres.tuning  # noqa: E401,F401
+from benchmarks import bench_kernels, bench_models, cold_start, kernel_report, report, roofline, shapes, smoke, tune  # noqa: F401,E501
 print(f"imports OK (fastres {how}: {fastres.__file__})")
 PYEOF
   TRITON_INTERPRET=1 "$PY" -m pytest -p benchmarks._bootstrap "${TEST_SEL[@]}" --collect-only -q 2>&1 | tail -2
+  step "dry run: the tuner's plan (budget ${B_TUNE}s)"
+  "$PY" -m benchmarks.tune "${TUNE_ARGS[@]}" --budget-s "$B_TUNE" --dry-run || exit 1
 fi
 echo "plan: worst case ${WORST} s (every step at its hard timeout + ${KILL_S} s kill grace; limit 600 s)"
 echo "pytest workers: ${XDIST[*]:-serial (no pytest-xdist)}"
 
-# results.json from whatever the steps have written so far (cheap: no plots).
+# results.json from whatever the steps have written so far (cheap: no plots); the tuned table beside it.
 combine() {
   [ $DRY = 1 ] && return 0
+  cp "$TUNED"/*.json "$OUT"/ 2>/dev/null
   INPUTS=$(ls "$WORK"/*.json 2>/dev/null) || return 0
   # shellcheck disable=SC2086
   timeout -k 2 2 "$PY" -m benchmarks.report $INPUTS --combine "$OUT/results.json" --no-render >/dev/null 2>&1
@@ -110,6 +122,18 @@ run timeout -k "$KILL_S" -s TERM "$T_TESTS" "$PY" -m pytest -p benchmarks._boots
   "${XDIST[@]}" -q -rfE -p no:cacheprovider --durations=15
 TESTS_RC=$?
 [ $DRY = 1 ] || echo "GPU tests exit code: $TESTS_RC"
+
+# The model and kernel benchmarks read the tuned table through FASTRES_CONFIG_DIR, before the shipped one.
+step "one-shot tuner (budget ${B_TUNE}s)"
+run timeout -k "$KILL_S" -s TERM $((B_TUNE + S_TUNE)) "$PY" -m benchmarks.tune "${TUNE_ARGS[@]}" \
+  --budget-s "$B_TUNE" --out "$TUNED" || STATUS=1
+if [ $DRY = 1 ] || ls "$TUNED"/*.json >/dev/null 2>&1; then
+  export FASTRES_CONFIG_DIR=$TUNED
+  echo "FASTRES_CONFIG_DIR=$TUNED: the benchmarks below use the tuned table"
+  combine
+else
+  echo "the tuner wrote no table: the benchmarks below use the shipped one"
+fi
 
 step "whole models (budget ${B_MODEL}s)"
 run timeout -k "$KILL_S" -s TERM $((B_MODEL + S_MODEL)) "$PY" -m benchmarks.bench_models "${MODEL_ARGS[@]}" \

@@ -140,7 +140,7 @@ def test_kernels_bench_refuses_a_fastres_figure_without_its_kernel(monkeypatch):
     """The launcher swapped for an eager conv with the right numbers: no launch counted, no figure."""
     import torch.nn.functional as F
 
-    import fastres.kernels.conv as conv
+    import fastres.kernels.tuning as tuning
 
     sys.path.insert(0, str(REPO))
     from benchmarks import bench_kernels, smoke
@@ -151,7 +151,7 @@ def test_kernels_bench_refuses_a_fastres_figure_without_its_kernel(monkeypatch):
         y = y if residual is None else y + residual.float()
         return (y.relu() if relu else y).to(x.dtype)
 
-    monkeypatch.setattr(conv, "conv_bias_act", eager)
+    monkeypatch.setattr(tuning, "conv_bias_act", eager)
     records, _ = bench_kernels.run(
         smoke.tiny_layers()[:1], [2], ["fp32"], ["fastres"], budget=Budget(None), device="cpu", peaks={}
     )
@@ -182,4 +182,11 @@ def test_gpu_check_dry_run_plans_within_ten_minutes(tmp_path):
     launches = [ln for ln in out.splitlines() if ln.startswith("+ timeout")]
     assert len(launches) == 5 and all(ln.startswith("+ timeout -k ") for ln in launches)
     assert "-m gpu or cuda_ok" in launches[0] and "--durations=15" in launches[0]
+    # The tuner runs before the model benchmarks, which read its table through FASTRES_CONFIG_DIR; the dry
+    # run imports it and prints its plan.
+    assert "-m benchmarks.tune" in launches[1] and "--budget-s" in launches[1] and "--out" in launches[1]
+    assert "-m benchmarks.bench_models" in launches[2]
+    tuned = re.search(r"--out (\S+)", launches[1]).group(1)
+    assert out.index(f"FASTRES_CONFIG_DIR={tuned}") < out.index(launches[2])
+    assert "tuner plan: 24 layers" in out and "tuner dry run OK" in out
     assert (tmp_path / "gpu_check.log").exists() and len(list(tmp_path.iterdir())) <= 8
