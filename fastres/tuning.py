@@ -135,6 +135,7 @@ class Candidate:
     tactic: str
     config: object | None
     fn: Callable[[], torch.Tensor] | None = None
+    out: torch.Tensor | None = None  # the buffer fn writes
     ms: float | None = None
     dropped: str | None = None  # why it was not kept (failed to compile or launch, wrong, not timed)
 
@@ -210,10 +211,10 @@ def _problem(layer: Layer, batch: int, dtype: torch.dtype, device: torch.device,
     return dict(x=x, w=w, b=b, res=res, sx=sx, sw=sw, ref=ref)
 
 
-def _launcher(layer: Layer, prob: dict, tactic: str, config, precision: str) -> Callable[[], torch.Tensor]:
-    """A no-argument callable that runs ``tactic`` with ``config`` on the problem into one output buffer,
-    poisoned with NaN first so that an element never written shows in the check. Each tactic gets its
-    weights in its own layout (``tactics.WEIGHTS``), derived once here, not per call."""
+def _launcher(layer: Layer, prob: dict, tactic: str, config, precision: str):
+    """(a no-argument callable that runs ``tactic`` with ``config`` on the problem, its output buffer).
+    The check poisons the buffer with NaN first, so that an element never written shows. Each tactic gets
+    its weights in its own layout (``tactics.WEIGHTS``), derived once here, not per call."""
     layout = _tactics.WEIGHTS.get(tactic, lambda t: t)
     w = layout(prob["w"])
     sw = None if prob["sw"] is None else layout(prob["sw"])
@@ -225,7 +226,7 @@ def _launcher(layer: Layer, prob: dict, tactic: str, config, precision: str) -> 
         groups=layer.groups, act=layer.act, shortcut_x=prob["sx"], shortcut_weight=sw,
         shortcut_stride=layer.shortcut_stride, precision=precision, out=out, config=config, tactic=tactic,
     )  # fmt: skip
-    return lambda: _tactics.conv_bias_act(x, w, prob["b"], **kwargs)
+    return (lambda: _tactics.conv_bias_act(x, w, prob["b"], **kwargs)), out
 
 
 def _check(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str | None:
@@ -422,7 +423,7 @@ def tune_layers(
                         s=layer.s, groups=layer.groups, dtype=dtype,
                     )  # fmt: skip
                 for cfg in configs:
-                    cands.append(Candidate(name, cfg, _launcher(layer, prob, name, cfg, precision)))
+                    cands.append(Candidate(name, cfg, *_launcher(layer, prob, name, cfg, precision)))
             work.append((dtype, batch, key, prob, cands))
         compile_s = _compile_in_parallel([c.fn for *_, cands in work for c in cands], threads, log)
         if compile_s is not None:
@@ -432,6 +433,7 @@ def tune_layers(
             tol = layer_tol(dtype, device)
             for c in cands:
                 try:
+                    c.out.fill_(float("nan"))  # the compile phase may have run part of it (cuDNN's conv)
                     out = c.fn()
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)

@@ -29,6 +29,7 @@ GOOD_SLOW = ConvConfig(16, 16, 16, 4, 2)
 GOOD_FAST = ConvConfig(32, 16, 16, 4, 2)
 BROKEN = ConvConfig(24, 16, 16, 4, 2)  # tl.arange(0, 24): not a power of two, cannot compile
 WRONG = ConvConfig(16, 32, 16, 4, 2)  # runs, but the test makes its output 2 % off
+HOLE = ConvConfig(16, 16, 16, 4, 3)  # runs, but the test leaves one pixel unwritten (the NaN poison)
 # Fake times (ms) per (tactic, config): gather's fast config wins, cuDNN is the runner-up.
 TIMES = {("gather", GOOD_SLOW): 3.0, ("gather", GOOD_FAST): 1.0, ("cudnn", None): 1.5}
 OTHER_MS = 4.0
@@ -57,8 +58,8 @@ def three_layers():
 
 
 def candidates(tactic, layer, batch, dtype):
-    """Gather: two good configs, one that cannot compile, one made wrong; every other tactic its own."""
-    return [GOOD_SLOW, GOOD_FAST, BROKEN, WRONG] if tactic == "gather" else [None]
+    """Gather: two good configs, one that cannot compile, two made wrong; every other tactic its own."""
+    return [GOOD_SLOW, GOOD_FAST, BROKEN, WRONG, HOLE] if tactic == "gather" else [None]
 
 
 class Fakes:
@@ -85,6 +86,11 @@ def wrong_when_asked(monkeypatch):
     real = tactics.conv_bias_act
 
     def run(*args, config=None, **kwargs):
+        out = kwargs["out"]
+        if config == HOLE:  # the kernel skips pixel (0, 0): what the poison left there stays
+            keep = out[:, :, 0, 0].clone()
+            real(*args, config=config, **kwargs)[:, :, 0, 0] = keep
+            return out
         out = real(*args, config=config, **kwargs)
         return out.mul_(1.02) if config == WRONG else out
 
@@ -96,7 +102,7 @@ def test_tune_layers_end_to_end(tmp_path, monkeypatch, wrong_when_asked):
     path = tmp_path / "cfg" / "sm_90.json"
     fakes = Fakes(path)
     applicable = [n for n in tactics.TACTICS if n not in ("tma_gemm",)]  # 3x3: every tactic but the 1x1 GEMM
-    timed_per_unit = len(applicable) - 1 + 2  # gather: 2 of its 4 configs pass; the others: their own one
+    timed_per_unit = len(applicable) - 1 + 2  # gather: 2 of its 5 configs pass; the others: their own one
     unit_s = timed_per_unit * TIMING_S
     layer_s = 2 * unit_s  # batches 1 and 2
     # After two layers 0.5 layer is left: less than 1.25 x a layer, so the third is not started.
@@ -115,11 +121,15 @@ def test_tune_layers_end_to_end(tmp_path, monkeypatch, wrong_when_asked):
     assert set(result.entries) == keys and set(ktuning.read_table(path, strict=True)) == keys
     # Every registered tactic that applies was offered and timed; broken and wrong ones never timed.
     assert {t for t, _ in fakes.timed} == set(applicable)
-    assert (("gather", BROKEN) not in fakes.timed) and (("gather", WRONG) not in fakes.timed)
+    assert not {("gather", BROKEN), ("gather", WRONG), ("gather", HOLE)} & set(fakes.timed)
     assert len(fakes.timed) == 4 * timed_per_unit
     reasons = {(cfg, why.split(":")[0]) for _, t, cfg, why in result.dropped if t == "gather"}
-    assert reasons == {(BROKEN, "failed to compile or launch"), (WRONG, "wrong")}
-    assert len(result.dropped) == 2 * 4  # two per (layer, batch)
+    assert reasons == {
+        (BROKEN, "failed to compile or launch"),
+        (WRONG, "wrong"),
+        (HOLE, "non-finite output (NaN"),
+    }
+    assert len(result.dropped) == 3 * 4  # three per (layer, batch)
     assert "dropped gather [24x16x16" in text and "power of 2" in text and "rel err" in text
     # Written after every (layer, dtype, batch): the second unit's timings saw the first unit's key on disk.
     first_key = by_name["b"].key(1, FP16)
