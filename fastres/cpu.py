@@ -225,3 +225,145 @@ def max_pool2d(x, kernel_size, stride, padding) -> torch.Tensor:
 
 def global_avg_pool(x) -> torch.Tensor:
     return x.mean(dim=(2, 3), keepdim=True).contiguous(memory_format=_CL)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch plans on the CPU (DESIGN.md, The hot path): a fused module's plan calls these directly, with
+# the pack made once for the plan's input shape, instead of the ``fastres::`` op (dispatch, pack lookup
+# and checks on every call). The plan holds while its input signature and every tensor its folds read
+# are unchanged (fastres/modules.py ``_Plan``), so the pack it holds is never stale.
+
+
+class CpuConvLaunch:
+    """One conv of a CPU launch plan, prepared for one input signature: called like the kernels'
+    ``ConvLaunch`` (``launch(x, residual=None, shortcut_x=None)``), it returns exactly what
+    ``conv_bias_act`` / ``conv_shortcut_bias_act`` return for the same tensors."""
+
+    __slots__ = ("run", "body", "out_shape", "dtype")
+
+    def __init__(self, run, body, out_shape, dtype) -> None:
+        self.run = run  # the prepared call(s)
+        self.body = body  # the op body on the same tensors: what runs if oneDNN fails (as the ops do)
+        self.out_shape = out_shape
+        self.dtype = dtype
+
+    def __call__(self, x, residual=None, shortcut_x=None, out=None):
+        try:
+            return self.run(x, residual, shortcut_x)
+        except (RuntimeError, NotImplementedError) as err:
+            if self.run is self.body:
+                raise
+            _fall_back(err)
+            self.run = self.body
+            return self.body(x, residual, shortcut_x)
+
+
+def prepare_conv(
+    x, weight, bias, *, residual=None, stride, padding, dilation, groups, act="relu", act_a=0.0, act_b=0.0,
+    shortcut_x=None, shortcut_weight=None, shortcut_stride=None,
+) -> tuple[CpuConvLaunch, torch.Tensor]:
+    """(launch, an output-shaped prototype) for the CPU op body on tensors like these (``x``, and the
+    residual or shortcut input the launch will get): the oneDNN fused call with its weight packed now for
+    ``x``'s shape, where the op body would make that call; otherwise the op body itself, called directly."""
+    stride, padding, dilation = list(stride), list(padding), list(dilation)
+    actt = (act, float(act_a), float(act_b))
+    out_shape = _out_shape(x, weight, stride, padding, dilation)
+    proto = torch.empty(out_shape, dtype=x.dtype, memory_format=_CL)
+    if shortcut_weight is not None:
+        shortcut_stride = list(shortcut_stride)
+
+        def body(x, residual, shortcut_x):
+            return conv_shortcut_bias_act(
+                x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
+                shortcut_stride, *actt,
+            )
+
+    else:
+
+        def body(x, residual, shortcut_x):
+            return conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, *actt)
+
+    run = body
+    if use_mkldnn(x, weight):
+        try:
+            if shortcut_weight is None:
+                run = _prepare_mkldnn(x, weight, bias, residual, stride, padding, dilation, groups, actt)
+            elif use_mkldnn(shortcut_x, shortcut_weight):
+                run = _prepare_mkldnn_shortcut(
+                    x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
+                    shortcut_stride, actt,
+                )
+        except (RuntimeError, NotImplementedError) as err:
+            _fall_back(err)
+    return CpuConvLaunch(run or body, body, out_shape, x.dtype), proto
+
+
+def _prepare_mkldnn(x, weight, bias, residual, stride, padding, dilation, groups, actt):
+    """``_mkldnn_conv``'s call bound to its pack for ``x``'s shape (None where the body would not use it)."""
+    if residual is not None and residual.shape != _out_shape(x, weight, stride, padding, dilation):
+        return None
+    w = packed_weight(weight, stride, padding, dilation, groups, x.shape)
+    conv = _MKL._convolution_pointwise
+    post = activations.onednn(*actt)
+    if residual is None and post is not None:
+        attr, scalars, algorithm = post
+
+        def run(x, residual, shortcut_x):
+            x = x.contiguous(memory_format=_CL)
+            return conv(x, w, bias, padding, stride, dilation, groups, attr, scalars, algorithm)
+
+    elif residual is None:
+
+        def run(x, residual, shortcut_x):
+            x = x.contiguous(memory_format=_CL)
+            y = conv(x, w, bias, padding, stride, dilation, groups, "none", [], "")
+            return activations.apply(y, *actt)
+
+    else:
+        unary = "relu" if actt[0] == "relu" else None
+        binary = conv.binary
+
+        def run(x, residual, shortcut_x):
+            x = x.contiguous(memory_format=_CL)
+            other = residual.to(x.dtype).contiguous(memory_format=_CL)
+            y = binary(x, other, w, bias, padding, stride, dilation, groups, "add", None, unary, [], "")
+            return y if unary is not None else activations.apply(y, *actt)
+
+    return run
+
+
+def _prepare_mkldnn_shortcut(
+    x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups, shortcut_stride, actt
+):
+    """``conv_shortcut_bias_act``'s two oneDNN calls bound to their packs (None where it would not)."""
+    one, zero = [1, 1], [0, 0]
+    out_shape = _out_shape(x, weight, stride, padding, dilation)
+    if _out_shape(shortcut_x, shortcut_weight, shortcut_stride, zero, one) != out_shape:
+        return None
+    ws = packed_weight(shortcut_weight, shortcut_stride, zero, one, 1, shortcut_x.shape)
+    w = packed_weight(weight, stride, padding, dilation, groups, x.shape)
+    unary = "relu" if actt[0] == "relu" else None
+    conv, accumulate = _MKL._convolution_pointwise, _MKL._convolution_pointwise_.binary
+
+    def run(x, residual, shortcut_x):
+        sx = shortcut_x.contiguous(memory_format=_CL)
+        s = conv(sx, ws, None, zero, shortcut_stride, one, 1, "none", [], "")
+        x = x.contiguous(memory_format=_CL)
+        y = accumulate(s, x, w, bias, padding, stride, dilation, groups, "add", 1.0, unary, [], "")
+        return y if unary is not None else activations.apply(y, *actt)
+
+    return run
+
+
+def prepare_max_pool2d(y, kernel_size, stride, padding):
+    """(launch, output prototype) of ``max_pool2d`` for a CPU launch plan."""
+    kernel_size, stride, padding = list(kernel_size), list(stride), list(padding)
+    out = F.max_pool2d(torch.empty(y.shape, dtype=y.dtype, device="meta"), kernel_size, stride, padding)
+    return (lambda y: max_pool2d(y, kernel_size, stride, padding)), torch.empty(
+        out.shape, dtype=y.dtype, memory_format=_CL
+    )
+
+
+def prepare_global_avg_pool(x):
+    """(launch, output prototype) of ``global_avg_pool`` for a CPU launch plan."""
+    return global_avg_pool, torch.empty((x.shape[0], x.shape[1], 1, 1), dtype=x.dtype, memory_format=_CL)

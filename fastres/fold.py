@@ -166,28 +166,32 @@ def _stamp(t: torch.Tensor | None):
 
 _VERSION = operator.attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
-_META = operator.attrgetter("dtype", "device", "shape")
+_STORAGE = torch.Tensor.untyped_storage
 
 
 class TensorStamps:
-    """``_stamp`` of a fixed tuple of tensors, taken with C-level loops (``map``) instead of one Python call
-    per tensor: a launch plan checks every tensor its folds read on each forward (DESIGN.md, The hot
-    path). Same fields as ``_stamp``: version (none for inference tensors), data pointer, dtype, device,
-    shape; identity is the caller's to check (it fetches the tensors from their modules)."""
+    """What a launch plan checks of the tensors its folds read on every forward (DESIGN.md, The hot
+    path), with C-level loops (``map``) instead of one Python call per tensor: each tensor's version
+    (none for inference tensors) and data pointer. Identity is the caller's to check (it fetches the
+    tensors from their modules again).
 
-    __slots__ = ("tensors", "versioned", "value")
+    The stamps hold a reference to each tensor's storage as it was, so that memory cannot be freed and
+    handed to another tensor while the stamps live: an equal data pointer then means the same storage.
+    A ``param.data = other`` that moves a tensor to new memory (another dtype, shape or device included)
+    therefore changes its pointer, even if the allocator would have reused the old address; dtype,
+    shape and device are not read on each forward. Not seen, as with every version counter: writes
+    through ``param.data`` in place, and ``param.data = view`` of the same memory (``fastres.refold``)."""
+
+    __slots__ = ("tensors", "versioned", "value", "storages")
 
     def __init__(self, tensors) -> None:
         self.tensors = tuple(t for t in tensors if t is not None)
         self.versioned = tuple(t for t in self.tensors if not t.is_inference())
+        self.storages = tuple(map(_STORAGE, self.tensors))  # kept alive: see the class docstring
         self.value = self._now()
 
     def _now(self) -> tuple:
-        return (
-            list(map(_VERSION, self.versioned)),
-            list(map(_DATA_PTR, self.tensors)),
-            list(map(_META, self.tensors)),
-        )
+        return list(map(_VERSION, self.versioned)), list(map(_DATA_PTR, self.tensors))
 
     def unchanged(self) -> bool:
         return self._now() == self.value

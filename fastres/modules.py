@@ -26,7 +26,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from fastres import activations, ops
+from fastres import activations, cpu, ops
 from fastres.fold import (
     FoldCache,
     TensorStamps,
@@ -117,9 +117,9 @@ def _fx_leaf(module: nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
 # --------------------------------------------------------------------------------------------
 # Launch plans (DESIGN.md, The hot path): module → plan → kernel.
 
-# Device types whose fused forward launches Triton kernels (the plan's ConvLaunch / PoolLaunch); the CPU
-# path (interpreter off) runs inside the ops. benchmarks/host_overhead.py adds "cpu" to measure the CUDA
-# path's host work on CPU tensors.
+# Device types whose fused forward launches Triton kernels (the plan's ConvLaunch / PoolLaunch); a plan on
+# other CPU tensors (interpreter off) calls the CPU path (``fastres.cpu``, the ops' CPU bodies) directly.
+# benchmarks/host_overhead.py adds "cpu" to measure the CUDA path's host work on CPU tensors.
 KERNEL_DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 _TRAINING = operator.attrgetter("training")
@@ -140,7 +140,29 @@ def _tracing() -> bool:
 
 def _plannable(x) -> bool:
     """A fused forward on ``x`` may build or use a launch plan (else it calls the ops)."""
-    return type(x) is torch.Tensor and x.device.type in KERNEL_DEVICE_TYPES and not _tracing()
+    return type(x) is torch.Tensor and x.device.type in ("cuda", "cpu") and not _tracing()
+
+
+class _KernelLaunches:
+    """Where a plan's launches come from for a device type that runs the Triton kernels."""
+
+    @staticmethod
+    def prepare_conv(x, weight, bias, **kwargs):
+        return _tuning.prepare_conv(x, weight, bias, **kwargs)
+
+    @staticmethod
+    def prepare_max_pool2d(y, kernel_size, stride, padding):
+        return _pool.prepare_max_pool2d(y, kernel_size, stride, padding)
+
+    @staticmethod
+    def prepare_global_avg_pool(x):
+        return _pool.prepare_global_avg_pool(x)
+
+
+def _launches(x: torch.Tensor):
+    """What prepares a plan's launches for ``x``: the Triton kernels (CUDA, or the interpreter), or the
+    CPU path's calls (``fastres.cpu``: the ops' CPU bodies with their packs made once, no op dispatch)."""
+    return _KernelLaunches if x.device.type in KERNEL_DEVICE_TYPES else cpu
 
 
 def _sources(conv: nn.Module, bn: nn.Module | None) -> list[tuple[dict, str]] | None:
@@ -222,6 +244,22 @@ class _Plan:
             and not torch.is_autocast_enabled(self.device_type)
             and not any(map(_TRAINING, self.modules))
             and self.matches(x)
+        )
+
+    def fuses(self, x) -> bool:
+        """True only if the plan's module fuses now for an input like ``x`` (its dtype and device): what
+        the norm, activation and pool after a fused conv ask (``_PassThroughWhenFused``) on each forward,
+        answered without walking parameters. False means "ask the module" (the full decision), not "no"."""
+        return (
+            type(x) is torch.Tensor
+            and x.dtype is self.dtype
+            and x.device == self.device
+            and not torch.is_grad_enabled()
+            and not _tracing()
+            and not torch.is_autocast_enabled(self.device_type)
+            and not torch.onnx.is_in_onnx_export()
+            and not any(map(_TRAINING, self.modules))
+            and list(map(activations.key, self.acts)) == self.act_keys
         )
 
 
@@ -442,7 +480,7 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
     def _prepare(self, x: torch.Tensor):
         """(the prepared conv launch, a prototype of its output) for input ``x``."""
         folded = self._fold_for(self._fold, self, self._bn, x.dtype)
-        return _tuning.prepare_conv(x, folded.weight, folded.bias, **_conv_kwargs(self, self.act()))
+        return _launches(x).prepare_conv(x, folded.weight, folded.bias, **_conv_kwargs(self, self.act()))
 
     def _make_plan(self, x: torch.Tensor) -> _Plan | None:
         sources = _sources(self, self._bn)
@@ -481,6 +519,9 @@ class _PassThroughWhenFused:
     def forward(self, x):
         if torch.jit.is_scripting():
             return self._script_forward(x)
+        plan = self._owner.__dict__.get("_plan")
+        if plan is not None and plan.fuses(x):
+            return x  # the hot path: the owner's plan applied us
         if isinstance(x, torch.fx.Proxy):
             return _fx_leaf(self, x)
         if self._owner.fuses(x):
@@ -604,7 +645,8 @@ class FusedStem(FusedConvBNAct2d):
             return plan
         conv, y = self._prepare(x)
         p = self._pool
-        pool, _ = _pool.prepare_max_pool2d(y, _pair(p.kernel_size), _pair(p.stride), _pair(p.padding))
+        prepare = _launches(x).prepare_max_pool2d
+        pool, _ = prepare(y, _pair(p.kernel_size), _pair(p.stride), _pair(p.padding))
         # The pool's settings are read when the plan is made: a plan holds while its module tree does.
         plan.run = lambda x: pool(conv(x))
         plan.modules += (p,)
@@ -642,7 +684,7 @@ class FusedHead(nn.AdaptiveAvgPool2d):
         ):
             if _plannable(x):
                 if plan is None or not plan.matches(x) or self.output_size is not plan.output_size:
-                    run, _ = _pool.prepare_global_avg_pool(x)
+                    run, _ = _launches(x).prepare_global_avg_pool(x)
                     plan = self.__dict__["_plan"] = _Plan(run, x, (), (), [], [])
                     plan.output_size = self.output_size
                 return plan.run(x)
@@ -805,15 +847,15 @@ class _FusedBlock(_FoldedMixin, nn.Module):
                 return None
             sources += found
         act = self.act()
-        launches, y = [], x
+        launches, y, prepare = [], x, _launches(x).prepare_conv
         for conv_name, bn_name in self._convs[:-1]:
             conv, _, folded = self._folded(x, conv_name, bn_name)
-            launch, y = _tuning.prepare_conv(y, folded.weight, folded.bias, **_conv_kwargs(conv, act))
+            launch, y = prepare(y, folded.weight, folded.bias, **_conv_kwargs(conv, act))
             launches.append(launch)
         last = getattr(self, self._convs[-1][0])
         if self._dual_shortcut():
             weight, shortcut_weight, bias = self._tail_fold(x.dtype)
-            tail, _ = _tuning.prepare_conv(
+            tail, _ = prepare(
                 y, weight, bias, shortcut_x=x, shortcut_weight=shortcut_weight,
                 shortcut_stride=list(self.downsample[0].stride), **_conv_kwargs(last, act),
             )
@@ -825,11 +867,11 @@ class _FusedBlock(_FoldedMixin, nn.Module):
                 ds = self.downsample
                 folded = self._fold_for(self._cache("downsample"), ds[0], ds[1], x.dtype)
                 kwargs = _conv_kwargs(ds[0], activations.IDENTITY)
-                shortcut, residual = _tuning.prepare_conv(x, folded.weight, folded.bias, **kwargs)
+                shortcut, residual = prepare(x, folded.weight, folded.bias, **kwargs)
             conv_name, bn_name = self._convs[-1]
             _, _, folded = self._folded(x, conv_name, bn_name)
             kwargs = _conv_kwargs(last, act)
-            tail, _ = _tuning.prepare_conv(y, folded.weight, folded.bias, residual=residual, **kwargs)
+            tail, _ = prepare(y, folded.weight, folded.bias, residual=residual, **kwargs)
             run = _chain(launches, tail, projection=shortcut)
         trees = (self,) if self.downsample is None else (self, self.downsample)
         return _Plan(run, x, tuple(self.modules()), trees, pairs, sources, (self.relu,))

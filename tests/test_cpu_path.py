@@ -189,6 +189,82 @@ PACK_SCRIPT = textwrap.dedent('''
 ''')
 
 
+# A fused module's launch plan on CPU tensors calls the CPU path directly (fastres.cpu.prepare_conv: packs
+# made once for the plan's input, no op dispatch): the same calls, so the same bits as the ops path.
+PLAN_SCRIPT = textwrap.dedent('''
+    import torch, torchvision
+    from torch import nn
+    from torch.profiler import profile
+    import fastres
+    from fastres import modules
+    from fastres.kernels._common import INTERPRET
+    from fastres.testing import randomize_bn, rel_err
+    assert not INTERPRET
+    torch.manual_seed(0)
+
+    def op_events(f, x):
+        with torch.inference_mode(), profile() as p:
+            f(x)
+        return {e.key: e.count for e in p.key_averages() if e.key.startswith("fastres::")}
+
+    def ops_path(f, x):  # the same forward with plans switched off: every conv through torch.ops.fastres
+        real, modules._plannable = modules._plannable, lambda x: False
+        fastres.refold(f)  # drops the plans (and folds: the same fold is made again)
+        try:
+            with torch.inference_mode():
+                return f(x), op_events(f, x)
+        finally:
+            modules._plannable = real
+
+    def silu_block(block):
+        block.relu = nn.SiLU()
+        return block
+
+    m50 = randomize_bn(torchvision.models.resnet50(num_classes=10)).eval()
+    m18 = randomize_bn(torchvision.models.resnet18(num_classes=10), seed=1).eval()
+    m18s = randomize_bn(torchvision.models.resnet18(num_classes=10), seed=2).eval()
+    m18s.layer2[0] = silu_block(m18s.layer2[0])  # an activation oneDNN has no exact post-op for here
+    seq = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GELU(),
+                                     nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8),
+                                     nn.LeakyReLU(0.2))).eval()
+    cases = [(m50, torch.randn(2, 3, 64, 64)), (m18, torch.randn(1, 3, 45, 37)),
+             (m18s, torch.randn(2, 3, 32, 32)), (seq, torch.randn(2, 3, 9, 11))]
+    for model, x in cases:
+        f = fastres.convert(model)
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            f, mx, xx = f.to(dtype), model.to(dtype), x.to(dtype)
+            with torch.inference_mode():
+                out = f(xx)  # makes the plans
+                again = f(xx)
+            events = op_events(f, xx)
+            assert not events, (type(model).__name__, dtype, events)  # no op called: module, plan, CPU call
+            ref, ops_events = ops_path(f, xx)
+            assert ops_events, "the ops path calls the ops"
+            assert torch.equal(out, ref) and torch.equal(again, ref), (dtype, (out - ref).abs().max())
+            with torch.no_grad():
+                err = rel_err(out.double(), mx.double()(xx.double()))
+            mx.to(dtype)
+            assert err < {torch.float32: 1e-4, torch.float64: 1e-6, torch.bfloat16: 3e-2}[dtype], (dtype, err)
+        f.float(), model.float()
+    # A plan follows edits (its stamps) and input shapes, as the ops path does.
+    f = fastres.convert(m18)
+    x = torch.randn(1, 3, 45, 37)
+    with torch.inference_mode():
+        f(x)
+    with torch.no_grad():
+        for model in (m18, f):
+            model.layer3[0].bn2.running_var.mul_(2.0)
+            model.layer3[0].downsample[1].bias.add_(0.5)
+    for shape in ((1, 3, 45, 37), (3, 3, 20, 24)):
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            out = f(x)
+        with torch.no_grad():
+            assert rel_err(out, m18(x)) < 1e-4
+    print("OK")
+''')
+
+
 def _run(script: str):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
@@ -205,3 +281,7 @@ def test_cpu_path_without_interpreter_matches_eager_and_passes_opcheck():
 @pytest.mark.skipif(not __import__("torch").backends.mkldnn.is_available(), reason="torch without oneDNN")
 def test_cpu_path_runs_prepacked_onednn_convs_and_its_packs_are_never_stale():
     _run(PACK_SCRIPT)
+
+
+def test_cpu_plans_call_the_cpu_path_directly_and_give_the_ops_bits():
+    _run(PLAN_SCRIPT)
