@@ -201,7 +201,8 @@ class _Plan:
         self.shape, self.stride, self.dtype, self.device = x.shape, x.stride(), x.dtype, x.device
         self.device_type = x.device.type
         self.aligned = x.data_ptr() % 16 == 0
-        self.precision = fp32_precision()
+        # The fp32 dot mode decides fp32 folds and launches only: other dtypes do not read it per forward.
+        self.precision = fp32_precision() if x.dtype == torch.float32 else None
         self.modules = tuple(modules)  # every module whose training flag the decision reads
         self.trees = tuple(trees)  # modules whose children must stay the same objects
         self.children = [tuple(m._modules.values()) for m in self.trees]
@@ -222,7 +223,7 @@ class _Plan:
             and x.stride() == self.stride
             and x.device == self.device
             and (x.data_ptr() % 16 == 0) is self.aligned
-            and fp32_precision() == self.precision
+            and (self.precision is None or fp32_precision() == self.precision)
             and all(map(operator.is_, map(dict.get, self.dicts, self.names), self.tensors))
             and self.stamps.unchanged()
             and list(map(_EPS, self.bns)) == self.eps
