@@ -30,81 +30,28 @@ DTYPES = ("fp16", "bf16", "fp32")
 
 def model_layers(model, image: int = 224) -> list:
     """The distinct conv launches (``fastres.tuning.Layer``) of a torchvision ResNet converted by fastres,
-    with their launch counts, from forward hooks on a meta-device forward (no weights, no memory). Blocks
-    as ``fastres.modules`` fuses them: every conv with ReLU, the last one with the residual, or, when the
-    block's downsample is a 1×1 conv + BN, with that conv accumulated in the same launch (dual GEMM)."""
-    import torch
-    from torch import nn
-    from torchvision.models.resnet import BasicBlock, Bottleneck
+    with their launch counts: ``fastres.tuning.conv_launches`` on a meta-device forward (no weights, no
+    memory). Blocks as ``fastres.modules`` fuses them: every conv with ReLU, the last one with the
+    residual, or, when the block's downsample is a 1×1 conv + BN, with that conv accumulated in the same
+    launch (dual GEMM)."""
+    import dataclasses
 
-    from fastres.tuning import Layer
+    import torch
+
+    from fastres.tuning import conv_launches
 
     model = model.to("meta").eval()
-    inputs: dict[str, tuple] = {}
-    handles = [
-        m.register_forward_hook(
-            lambda mod, args, out, path=path: inputs.__setitem__(path, tuple(args[0].shape))
-        )
-        for path, m in model.named_modules()
-        if isinstance(m, nn.Conv2d)
-    ]
-    with torch.no_grad():
-        model(torch.empty(1, 3, image, image, device="meta"))
-    for h in handles:
-        h.remove()
-    mods = dict(model.named_modules())
-    found: dict[tuple, Layer] = {}
-    order: list[tuple] = []
-
-    def add(path: str, **epilogue) -> None:
-        conv = mods[path]
-        _, c, h, w = inputs[path]
-        layer = Layer(
-            name=path, c_in=c, h=h, w=w, c_out=conv.out_channels, r=conv.kernel_size[0],
-            s=conv.kernel_size[1], stride=conv.stride[0], padding=conv.padding[0], dilation=conv.dilation[0],
-            groups=conv.groups, **epilogue,
-        )  # fmt: skip
+    launches = conv_launches(model, torch.empty(1, 3, image, image, device="meta"))
+    order = {path: i for i, (path, m) in enumerate(model.named_modules())}
+    found: dict[tuple, object] = {}
+    for path in sorted(launches, key=lambda p: order[p]):
+        layer = launches[path]
         ident = tuple(v for k, v in vars(layer).items() if k not in ("name", "count"))
         if ident in found:
-            found[ident] = Layer(**{**vars(found[ident]), "count": found[ident].count + 1})
+            found[ident] = dataclasses.replace(found[ident], count=found[ident].count + 1)
         else:
             found[ident] = layer
-            order.append(ident)
-
-    claimed = set()
-    for path, block in mods.items():
-        if not isinstance(block, (BasicBlock, Bottleneck)):
-            continue
-        names = ["conv1", "conv2"] + (["conv3"] if isinstance(block, Bottleneck) else [])
-        ds = block.downsample
-        ds_conv = ds[0] if isinstance(ds, nn.Sequential) and len(ds) == 2 else None
-        dual = (
-            ds_conv is not None
-            and tuple(ds_conv.kernel_size) == (1, 1)
-            and tuple(ds_conv.padding) == (0, 0)
-            and tuple(ds_conv.dilation) == (1, 1)
-            and ds_conv.groups == 1
-            and getattr(block, names[-1]).groups == 1
-        )
-        for i, name in enumerate(names):
-            full = f"{path}.{name}"
-            claimed.add(full)
-            if i < len(names) - 1:
-                add(full)
-            elif dual:
-                sc_path = f"{path}.downsample.0"
-                claimed.add(sc_path)
-                _, sc_c, sc_h, sc_w = inputs[sc_path]
-                add(full, shortcut_c_in=sc_c, shortcut_stride=ds_conv.stride[0], sc_h=sc_h, sc_w=sc_w)
-            else:
-                add(full, residual=True)
-        if ds is not None and not dual and ds_conv is not None:
-            claimed.add(f"{path}.downsample.0")
-            add(f"{path}.downsample.0", act="identity")
-    for path in inputs:  # the stem (conv → BN → ReLU) and any conv outside the blocks
-        if path not in claimed:
-            add(path)
-    return [found[i] for i in order]
+    return list(found.values())
 
 
 def resnet_layers(arch: str, image: int = 224) -> list:

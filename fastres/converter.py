@@ -518,11 +518,25 @@ def convert(
     return model
 
 
-def report(model: nn.Module) -> Report:
-    """What is fused in ``model`` and what was left, and why (a dry run of the matcher)."""
+def report(model: nn.Module, example_input: torch.Tensor | None = None) -> Report:
+    """What is fused in ``model`` and what was left, and why (a dry run of the matcher). With
+    ``example_input`` (the model runs once on it), each fused entry also names the tactic of each of its
+    conv launches at that input's batch, dtype and device, as the lookup picks it (tuned tables, then
+    ``FASTRES_TACTICS`` and the default): ``fastres.tuning.layer_tactics``."""
     walker = _Walker(None, apply=False)
     walker.root = model
     walker.visit(model, "")
     _fx_pass(walker, model, "", _shared_modules(model))
     walker.report.convs_total = _count_convs(model)
+    if example_input is not None:
+        from fastres.tuning import layer_tactics
+
+        tactics = layer_tactics(model, example_input)
+        for e in walker.report.entries:
+            if e.result == "left" and not e.detail.startswith("fusable"):
+                continue  # runs as it is: no fastres launch
+            own = [(p[len(e.path) + 1 :] or p, t[0]) for p, t in tactics.items() if p == e.path]
+            own += [(p[len(e.path) + 1 :], t[0]) for p, t in tactics.items() if p.startswith(e.path + ".")]
+            if own:
+                e.detail += "; tactic " + ", ".join(t if p == e.path else f"{p} {t}" for p, t in own)
     return walker.report

@@ -476,3 +476,144 @@ def tune_layers(
     _ktuning.clear_cache()  # this process reads the new table from now on
     result.seconds = clock() - t_start
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Which tactic each layer of a model would run (fastres.report, benchmarks)
+
+
+def dual_shortcut(block: nn.Module) -> bool:
+    """Whether a residual block's projection shortcut rides in its last conv's launch (the dual GEMM):
+    a ``downsample`` of a 1×1 conv (padding 0, dilation 1, groups 1) and a norm, and a last conv with
+    groups 1. A fused block answers for itself (``fastres.modules._FusedBlock._dual_shortcut``)."""
+    own = getattr(block, "_dual_shortcut", None)
+    if callable(own):
+        return bool(own())
+    ds = getattr(block, "downsample", None)
+    convs = block_convs(block)
+    if not convs or not isinstance(ds, nn.Sequential) or len(ds) != 2 or not isinstance(ds[0], nn.Conv2d):
+        return False
+    c = ds[0]
+    last = getattr(block, convs[-1])
+    return (
+        tuple(c.kernel_size) == (1, 1)
+        and tuple(c.padding) == (0, 0)
+        and tuple(c.dilation) == (1, 1)
+        and c.groups == 1
+        and last.groups == 1
+    )
+
+
+def block_convs(module: nn.Module) -> list[str]:
+    """The conv attribute names of a residual block in order (torchvision's or fastres's), else []."""
+    names = getattr(module, "_convs", None)
+    if names:
+        return [c for c, _ in names]
+    cls = type(module).__name__
+    if cls in ("BasicBlock", "Bottleneck") and isinstance(getattr(module, "conv1", None), nn.Conv2d):
+        return [n for n in ("conv1", "conv2", "conv3") if isinstance(getattr(module, n, None), nn.Conv2d)]
+    return []
+
+
+def _layer_of(name: str, conv: nn.Conv2d, shape, **epilogue) -> Layer:
+    _, c, h, w = shape
+    return Layer(
+        name=name, c_in=c, h=h, w=w, c_out=conv.out_channels, r=conv.kernel_size[0], s=conv.kernel_size[1],
+        stride=conv.stride[0], padding=conv.padding[0], dilation=conv.dilation[0], groups=conv.groups,
+        **epilogue,
+    )  # fmt: skip
+
+
+def conv_launches(model: nn.Module, example_input: torch.Tensor) -> dict[str, Layer]:
+    """conv path -> the launch (``Layer``) fastres makes for it on ``example_input``: each conv with its
+    input shape, a block's last conv with the residual or its projection shortcut (dual GEMM, and then
+    the shortcut conv has no launch of its own). Runs ``model`` once under ``torch.no_grad`` with forward
+    pre-hooks (a fused block does not call its children, so their shapes are chained from the block's
+    input)."""
+    seen: dict[str, tuple] = {}
+    mods = dict(model.named_modules())
+    blocks = {p for p, m in mods.items() if block_convs(m)}
+    # A block's convs (its projection shortcut's included) are the block's to describe, from its input.
+    inside = {f"{b}.{n}" for b in blocks for n in [*block_convs(mods[b]), "downsample.0"]}
+    def record(path):
+        def hook(mod, args):  # returns None: the arguments go on unchanged
+            seen.setdefault(path, tuple(args[0].shape))
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(record(p))
+        for p, m in mods.items()
+        if p in blocks or (isinstance(m, nn.Conv2d) and p not in inside)
+    ]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    out: dict[str, Layer] = {}
+    for path in blocks:
+        if path not in seen:
+            continue
+        block, shape = mods[path], seen[path]
+        names = block_convs(block)
+        dual = dual_shortcut(block)
+        for i, name in enumerate(names):
+            conv = getattr(block, name)
+            full = f"{path}.{name}"
+            if i < len(names) - 1:
+                out[full] = _layer_of(full, conv, shape)
+            elif dual:
+                sc = block.downsample[0]
+                out[full] = _layer_of(
+                    full, conv, shape, shortcut_c_in=sc.in_channels, shortcut_stride=sc.stride[0],
+                    sc_h=seen[path][2], sc_w=seen[path][3],
+                )  # fmt: skip
+            else:
+                out[full] = _layer_of(full, conv, shape, residual=True)
+            layer = out[full]
+            shape = (shape[0], conv.out_channels, layer.p, layer.q)
+        ds = getattr(block, "downsample", None)
+        if not dual and isinstance(ds, nn.Sequential) and len(ds) and isinstance(ds[0], nn.Conv2d):
+            out[f"{path}.downsample.0"] = _layer_of(f"{path}.downsample.0", ds[0], seen[path], act="identity")
+    for path, shape in seen.items():
+        if path not in blocks and path not in out and isinstance(mods[path], nn.Conv2d):
+            out[path] = _layer_of(path, mods[path], shape)
+    return dict(sorted(out.items()))
+
+
+def layer_tactics(
+    model: nn.Module, example_input: torch.Tensor, *, arch: str | None = None, env: str | None = None
+) -> dict[str, tuple[str, str, str]]:
+    """conv path -> (tactic, reason, table key) that the lookup picks for each launch of ``model`` on
+    ``example_input`` (its batch, dtype and device; ``arch`` overrides the device's): ``tactics.choose``
+    with the tuned table entry (``kernels.tuning.tuned_tactic``). What ``fastres.report(model,
+    example_input)`` names per layer.
+
+    >>> layer_tactics(model, torch.randn(32, 3, 224, 224, device="cuda", dtype=torch.half))  # doctest: +SKIP
+    {'conv1': ('gather', 'gather: default (...)', 'cin3-cout64-k7x7-...'), ...}
+    """
+    from fastres.fold import pack_weight
+
+    dtype, device = example_input.dtype, example_input.device
+    arch = arch or _ktuning.device_arch(device)
+    n = example_input.shape[0]
+    out = {}
+    for path, layer in conv_launches(model, example_input).items():
+        # Prototypes with the launch's shapes and layouts (the rules read shapes, strides and alignment).
+        x = torch.empty(n, layer.c_in, layer.h, layer.w, dtype=dtype, device=device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = pack_weight(
+            torch.empty(layer.c_out, layer.c_in // layer.groups, layer.r, layer.s, dtype=dtype, device=device)
+        )
+        name, why, _ = _ktuning.tuned_tactic(
+            x, w, stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+            shortcut_c_in=layer.shortcut_c_in, arch=arch, env=env,
+        )  # fmt: skip
+        out[path] = (
+            name,
+            why,
+            layer.key(n, dtype) if dtype in (torch.float16, torch.bfloat16, torch.float32) else "",
+        )
+    return out

@@ -222,3 +222,34 @@ def test_tuner_dry_run_prints_the_plan():
     assert "tuner plan: 24 layers x 3 batches x 2 dtypes" in out and "tuner dry run OK" in out
     assert all(name in out for name in tactics.TACTICS)
     assert ftuning.REP_MS > 0  # the GPU timer's window is set
+
+
+def test_report_names_each_layers_tactic_from_the_tuned_table(tmp_path, monkeypatch):
+    """fastres.report(model, x): every fusable conv launch names the tactic the lookup picks; a table entry
+    (here cudnn, which the interpreter runs on the CPU) changes the name of the launches with its key
+    only (layer1.0's two 3×3 convs share one: the key leaves the residual out)."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    import fastres
+
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    launches = ftuning.conv_launches(model, x)
+    assert "layer2.0.downsample.0" not in launches  # rides in layer2.0.conv2 (dual GEMM)
+    assert launches["layer2.0.conv2"].shortcut_c_in == 64 and launches["layer1.0.conv2"].residual
+    before = str(fastres.report(model, x))
+    assert "layer1.0 " in before and "tactic conv1 gather, conv2 gather" in before
+    key = launches["layer1.0.conv1"].key(2, torch.float32)
+    entry = ktuning.Entry("cudnn", None, 1.0, runner_up=ktuning.Choice("gather", GOOD_FAST, 2.0))
+    ktuning.write_table(tmp_path / "cpu.json", "cpu", {key: entry})
+    monkeypatch.setenv("FASTRES_CONFIG_DIR", str(tmp_path))
+    ktuning.clear_cache()
+    tactics_now = ftuning.layer_tactics(model, x)
+    assert tactics_now["layer1.0.conv1"][:2] == ("cudnn", "cudnn: tuned table")
+    assert tactics_now["layer1.0.conv1"][2] == key
+    assert {p for p, t in tactics_now.items() if t[0] != "gather"} == {"layer1.0.conv1", "layer1.0.conv2"}
+    after = str(fastres.report(model, x))
+    assert "tactic conv1 cudnn, conv2 cudnn" in after and "layer2.0 " in after
+    assert after.count("cudnn") == 2
+    monkeypatch.setenv("FASTRES_TACTICS", "gather")  # a restriction that leaves cudnn out wins
+    assert ftuning.layer_tactics(model, x)["layer1.0.conv1"][0] == "gather"
