@@ -340,6 +340,30 @@ def tma_conv_launch_args(shape, batch: int, dtype, sms: int = ARCH_LIMITS[90]["s
     return [values[a] for a in names], consts, cfg, tma_conv.num_programs(cfg, tiles, sms), tiles
 
 
+def chosen_tactic(shape, batch: int, dtype, shortcut, arch: int) -> str:
+    """The tactic the lookup picks for this layer on sm_{arch}: ``tactics.choose``'s order
+    (``FASTRES_TACTICS``, the default) with the tuned entry of the sm_{arch} table (``$FASTRES_CONFIG_DIR``,
+    shipped, autotune cache), each tactic judged by this report's applicability rules (compiled on the
+    CPU: no GPU to ask)."""
+    from fastres.kernels import tactics, tuning
+
+    fits = {
+        "gather": True,
+        "cudnn": True,  # any conv, on CUDA with cuDNN
+        "tma_gemm": arch >= 90 and tma_gemm_reason(shape, dtype, shortcut) is None,
+        "tma_conv": arch >= 90 and tma_conv_reason(shape, dtype, shortcut) is None,
+    }
+    key = tuning.shape_key(
+        shape.c, shape.k, shape.r, shape.s, (shape.stride,) * 2, (shape.padding,) * 2, (shape.dilation,) * 2,
+        shape.groups, batch * shape.p * shape.q, dtype, None if shortcut is None else shortcut.c,
+    )  # fmt: skip
+    entry = tuning.lookup(f"sm_{arch}", key)
+    order, explicit = tactics.enabled()
+    if entry is not None and fits.get(entry.tactic) and (not explicit or entry.tactic in order):
+        return f"{entry.tactic} (tuned)"
+    return next(t for t in order if fits.get(t, False))
+
+
 def specialise(kernel, arch: int, args, consts, cfg):
     """(ASTSource, options, target, cache key) exactly as a launch on ``arch`` would build them."""
     from triton.backends.compiler import GPUTarget
@@ -595,6 +619,7 @@ def build_report(
                     # tma_conv's output pixel box (block_m = block_h x block_w)
                     **({"block_h": cfg.block_h, "block_w": cfg.block_w} if hasattr(cfg, "block_h") else {}),
                 },
+                "chosen": chosen_tactic(shape, batch, dtype, shortcut, arch),
                 "compile_s": round(time.monotonic() - t0, 2),
                 "cached": hit,
                 **info,
@@ -638,8 +663,8 @@ def to_markdown(doc: dict) -> str:
         f"### Kernel report: {a['model']} at {a['image']}, batch {', '.join(map(str, batches))}, "
         f"{a['dtype']} (compiled on the CPU, triton {doc['env']['triton']})",
         "",
-        head + "occupancy | waves | flags |",
-        "|---" * (12 + 3 * multi) + "|",
+        head + "occupancy | waves | flags | lookup picks |",
+        "|---" * (13 + 3 * multi) + "|",
     ]
     for r in doc["records"]:
         c = r["config"]
@@ -656,7 +681,7 @@ def to_markdown(doc: dict) -> str:
             f"{c_box}{c['block_m']}x{c['block_n']}x{c['block_k']} "
             f"{c['num_warps']}/{c['num_stages']} | {r['regs']} | {r['spill_store_bytes']} | "
             f"{r['shared_bytes'] / 1024:.0f} | {tc} | {r['occupancy']:.2f} "
-            f"({r['limited_by']}) | {r['waves']} | {' '.join(r['flags']) or '-'} |"
+            f"({r['limited_by']}) | {r['waves']} | {' '.join(r['flags']) or '-'} | {r.get('chosen', '-')} |"
         )
     flagged = sorted({(r["arch"], f) for r in doc["records"] for f in r["flags"]})
     lines += ["", "Flags: " + (", ".join(f"sm_{a}: {f}" for a, f in flagged) if flagged else "none")]

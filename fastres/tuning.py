@@ -1,8 +1,15 @@
-"""``tune_model``: autotune every conv shape of a model on this GPU and write a config table.
+"""Tuning on a GPU and what the tables say per layer.
 
-The table is what ships in ``fastres/configs/<arch>.json`` (format and lookup order:
-``fastres.kernels.tuning``). A GPU script regenerates it, for example for fp16 and fp32 at batch 1
-and 32 (entries are keyed by M bucket, so each batch size and resolution adds its own)::
+- ``tune_layers``: the one-shot tuner behind ``python -m benchmarks.tune``: every layer × batch × dtype
+  over every applicable tactic of ``kernels/tactics.py`` × its configs, checked against fp64, timed
+  with ``do_bench_cudagraph``, within a budget; writes the format-2 table (``fastres.kernels.tuning``)
+  after every (layer, dtype, batch).
+- ``tune_model``: autotune the gather kernel's config for every conv a model launches (``tune_session``).
+- ``conv_launches`` / ``layer_tactics``: the launches fastres makes for a model and input, and the tactic
+  the lookup picks for each (``fastres.report(model, example_input)`` names them).
+
+``tune_model`` for example for fp16 and fp32 at batch 1 and 32 (entries are keyed by M bucket, so each
+batch size and resolution adds its own)::
 
     import torch, torchvision, fastres
     from fastres.tuning import tune_model
@@ -535,6 +542,7 @@ def conv_launches(model: nn.Module, example_input: torch.Tensor) -> dict[str, La
     blocks = {p for p, m in mods.items() if block_convs(m)}
     # A block's convs (its projection shortcut's included) are the block's to describe, from its input.
     inside = {f"{b}.{n}" for b in blocks for n in [*block_convs(mods[b]), "downsample.0"]}
+
     def record(path):
         def hook(mod, args):  # returns None: the arguments go on unchanged
             seen.setdefault(path, tuple(args[0].shape))

@@ -253,3 +253,47 @@ def test_report_names_each_layers_tactic_from_the_tuned_table(tmp_path, monkeypa
     assert after.count("cudnn") == 2
     monkeypatch.setenv("FASTRES_TACTICS", "gather")  # a restriction that leaves cudnn out wins
     assert ftuning.layer_tactics(model, x)["layer1.0.conv1"][0] == "gather"
+
+
+def test_kernel_report_names_the_tactic_the_lookup_picks(tmp_path, monkeypatch):
+    """The kernel report's "lookup picks" column: the default without an entry, the tuned tactic where the
+    sm_90 table names one and its rule fits the layer, gather where it does not (or on sm_80)."""
+    from benchmarks.kernel_report import chosen_tactic
+    from benchmarks.shapes import ConvShape
+
+    one = ConvShape(c=256, h=14, w=14, k=1024, r=1, s=1, stride=1, padding=0)
+    three = ConvShape(c=256, h=14, w=14, k=256, r=3, s=3, stride=1, padding=1)
+    assert chosen_tactic(one, 32, FP16, None, 90) == "gather"
+    key = ktuning.shape_key(256, 1024, 1, 1, (1, 1), (0, 0), (1, 1), 1, 32 * 14 * 14, FP16)
+    key3 = ktuning.shape_key(256, 256, 3, 3, (1, 1), (1, 1), (1, 1), 1, 32 * 14 * 14, FP16)
+    entry = ktuning.Entry("tma_gemm", None, 1.0)
+    ktuning.write_table(tmp_path / "sm_90.json", "sm_90", {key: entry, key3: entry})
+    monkeypatch.setenv("FASTRES_CONFIG_DIR", str(tmp_path))
+    ktuning.clear_cache()
+    assert chosen_tactic(one, 32, FP16, None, 90) == "tma_gemm (tuned)"
+    assert chosen_tactic(three, 32, FP16, None, 90) == "gather"  # a 3x3 layer: tma_gemm's rule says no
+    assert chosen_tactic(one, 32, FP16, None, 80) == "gather"  # another arch, another (absent) table
+    assert chosen_tactic(one, 1, FP16, None, 90) == "gather"  # another M bucket: no entry
+    monkeypatch.setenv("FASTRES_TACTICS", "gather")
+    assert chosen_tactic(one, 32, FP16, None, 90) == "gather"
+
+
+@pytest.mark.gpu
+def test_tune_layers_on_gpu_times_with_cuda_graphs_and_records_cudnn(tmp_path):
+    """What the CPU tests cannot reach: the threaded compile, do_bench_cudagraph on every tactic that
+    applies, and cuDNN's time recorded (not null) on a GPU. Two gather configs, the others' own: few
+    compiles."""
+    layer = Layer("l", 64, 14, 14, 64, 3, 3, padding=1, residual=True)
+    gather = ktuning.candidates(2 * 14 * 14, 64, 64, 3, 3, FP16)[:2]
+    result = tune_layers(
+        [layer], tmp_path, batches=(2,), dtypes=(FP16,), device="cuda",
+        candidates=lambda t, *a: gather if t == "gather" else [None], log=print,
+    )  # fmt: skip
+    (key,) = result.entries
+    entry = ktuning.read_table(result.path, strict=True)[key]
+    assert entry.ms > 0 and entry.runner_up is not None and entry.runner_up.ms >= entry.ms
+    assert all(c.ms > 0 for c in entry.by_tactic.values()) and "gather" in entry.by_tactic
+    if "cudnn" in entry.by_tactic:
+        assert entry.cudnn_ms == entry.by_tactic["cudnn"].ms > 0
+    data = json.loads(result.path.read_text())
+    assert data["tuned_on"]["gpu"] and data["tuned_on"]["triton"]
