@@ -252,3 +252,36 @@ def test_pool_plans_launch_bound(recorded, monkeypatch):
     _forward(model, x)
     assert len(runs) == len(names)
     assert pool is not None
+
+
+def test_plan_holds_the_old_storage_so_a_moved_tensor_is_always_seen():
+    """``param.data = new`` bumps no version: a plan sees it by the data pointer. The stamps keep the old
+    storage alive, so no allocator (CUDA's caching allocator reuses freed blocks at once) can hand that
+    address to the new memory, where an equal pointer would hide the change; the next forward follows
+    the new values and the new plan lets the old memory go."""
+    import weakref
+
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())).eval()
+    fast = fastres.convert(model)
+    x = torch.randn(1, 4, 6, 5)
+    _forward(fast, x)
+    plan = fast[0].__dict__["_plan"]
+    weight = fast[0].weight
+    old_storage = weight.untyped_storage()
+    old_ptr, alive = old_storage.data_ptr(), weakref.ref(old_storage)
+    del old_storage  # the Python wrapper; the plan must hold the storage itself
+    with torch.no_grad():
+        weight.data = weight.detach().clone().mul_(-1.5)  # new memory; the old one's only owner: the plan
+    assert weight.data_ptr() != old_ptr
+    assert any(s.data_ptr() == old_ptr for s in plan.stamps.storages), "the plan let the old memory go"
+    model[0].weight.data = weight.detach().clone()
+    out = _forward(fast, x)
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert fast[0].__dict__["_plan"] is not plan
+    del plan
+    assert alive() is None or not any(  # the new plan holds only the new memory
+        s.data_ptr() == old_ptr for s in fast[0].__dict__["_plan"].stamps.storages
+    )
