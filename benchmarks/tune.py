@@ -12,7 +12,7 @@ candidates of every tactic registered in ``kernels/tactics.py`` that applies are
 (threads, as ``fastres.warmup``), each is checked against the fp64 reference (dropped, with the reason
 printed, if it fails to compile or launch or is wrong), then timed with ``do_bench_cudagraph``; the
 table is rewritten (atomically) after every layer, dtype and batch, so a killed run keeps what it
-measured. A layer is started only while the budget left covers 1.25 × the longest layer so far.
+measured. A layer is started only while the budget left covers 1.25 × the longest of the last 3 layers.
 Commit a table only with the GPU run's log; it records the GPU and versions itself (``tuned_on``).
 """
 

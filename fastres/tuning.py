@@ -169,9 +169,11 @@ ELEMENT_FACTOR = 8
 # so ~60-100 ms per candidate with the estimate and the capture: ResNet-50 at 3 batches and 2 dtypes offers
 # ~1700 (candidate, batch, dtype) timings (benchmarks/tune.py --dry-run), more than a 240 s budget holds.
 REP_MS = 4
-# A layer is started only if the budget left covers this many times the longest layer so far (the first
-# layer: FIRST_LAYER_S), so a run ends inside its budget with every started layer written.
+# A layer is started only if the budget left covers this many times the longest of the last RECENT layers
+# (the first layer: FIRST_LAYER_S), so a run ends inside its budget with every started layer written. The
+# recent ones, not all: the first layers pay most of the compiles, which later layers of a class reuse.
 LAYER_MARGIN = 1.25
+RECENT = 3
 FIRST_LAYER_S = 8.0
 
 
@@ -360,7 +362,8 @@ def tune_layers(
     so a killed run keeps what it measured.
 
     Layers run in order of FLOP share (FLOPs × launches per forward), the largest first. A layer starts only
-    if the budget left covers ``LAYER_MARGIN`` × the longest layer so far; those left out are reported.
+    if the budget left covers ``LAYER_MARGIN`` × the longest of the last ``RECENT`` layers; those left out
+    are reported.
     Two layers with one table key are tuned once (the larger share's epilogue).
 
     >>> tune_layers(resnet_layers("resnet50"), "out/", budget_s=240)        # doctest: +SKIP
@@ -385,10 +388,10 @@ def tune_layers(
     total = sum(layer.flops() * layer.count for layer in layers) or 1
     order = sorted(layers, key=lambda layer: -layer.flops() * layer.count)
     seen_keys: dict[str, str] = {}
-    longest = 0.0
+    durations: list[float] = []
     for i, layer in enumerate(order):
         left = None if budget_s is None else budget_s - (clock() - t_start)
-        need = LAYER_MARGIN * longest if longest else FIRST_LAYER_S
+        need = LAYER_MARGIN * max(durations[-RECENT:]) if durations else FIRST_LAYER_S
         if left is not None and left < need:
             result.not_started = [layer.name for layer in order[i:]]
             log(
@@ -475,7 +478,7 @@ def tune_layers(
             )
             del prob
         del work
-        longest = max(longest, clock() - t_layer)
+        durations.append(clock() - t_layer)
         elapsed = clock() - t_start
         left_text = "" if budget_s is None else f", {budget_s - elapsed:.0f} s left"
         took = clock() - t_layer
