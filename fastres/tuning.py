@@ -296,7 +296,33 @@ def _compile_in_parallel(fns: list[Callable[[], object]], threads: int, log) -> 
     except Exception as e:  # noqa: BLE001 - then the check compiles them one by one
         log(f"  parallel compile failed ({type(e).__name__}: {e}); compiling one by one")
         return None
+    finally:
+        _drop_unfinished_compiles()
     return time.perf_counter() - t0
+
+
+def _drop_unfinished_compiles() -> None:
+    """Remove from every fastres kernel's cache the async compiles with no finished kernel (one whose
+    compile raised, or that ``AsyncCompileMode.__exit__`` never finalised because another raised first):
+    they would raise at each later launch, so a good candidate would be dropped for another's error.
+    The check then compiles them one by one. (``fastres.warm`` does this for the conv and pool kernels.)"""
+    import sys
+
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("fastres.kernels.") or mod is None:
+            continue
+        for value in list(vars(mod).values()):
+            caches = getattr(value, "device_caches", None)
+            if not isinstance(caches, dict):
+                continue
+            for entry in list(caches.values()):
+                kernels = entry[0] if isinstance(entry, tuple) and entry else None
+                if not isinstance(kernels, dict):
+                    continue
+                for key, kernel in list(kernels.items()):
+                    # vars(): FutureKernel.__getattr__ would wait for (and re-raise) the compile.
+                    if type(kernel).__name__ == "FutureKernel" and vars(kernel).get("kernel") is None:
+                        kernels.pop(key, None)
 
 
 def _summary(c: Candidate) -> str:

@@ -297,3 +297,25 @@ def test_tune_layers_on_gpu_times_with_cuda_graphs_and_records_cudnn(tmp_path):
         assert entry.cudnn_ms == entry.by_tactic["cudnn"].ms > 0
     data = json.loads(result.path.read_text())
     assert data["tuned_on"]["gpu"] and data["tuned_on"]["triton"]
+
+
+def test_unfinished_async_compiles_are_dropped_from_every_kernel_family(monkeypatch):
+    """After the threaded compile phase, a compile that never finished (its error, or another's that
+    stopped AsyncCompileMode's finalisation) must not stay in a kernel cache to fail every later launch of
+    a good candidate; finished ones stay. Any fastres.kernels module, not only the conv and the pools."""
+    import types
+
+    class FutureKernel:  # Triton's name for the placeholder of an async compile
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+    class Jit:
+        def __init__(self, cache):
+            self.device_caches = {0: (cache, None)}
+
+    cache = {"done": FutureKernel(object()), "unfinished": FutureKernel(None), "plain": object()}
+    fake = types.ModuleType("fastres.kernels._fake_family")
+    fake.kernel = Jit(cache)
+    monkeypatch.setitem(sys.modules, "fastres.kernels._fake_family", fake)
+    ftuning._drop_unfinished_compiles()
+    assert set(cache) == {"done", "plain"}
