@@ -50,15 +50,18 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from fastres.kernels import _common, conv, pool  # noqa: E402
+from fastres.kernels import _common, conv, epilogue, pool  # noqa: E402
 
+# Every kernel a plan launches: the conv (its split-K GEMM pass too), the split-K epilogue pass, the pools.
 KERNELS = {
     "_conv_bias_act_fwd_kernel": conv,
+    "_bias_act_epilogue_kernel": epilogue,
     "_max_pool2d_fwd_kernel": pool,
     "_global_avg_pool_fwd_kernel": pool,
 }
 UNSPECIALISED = {
     "_conv_bias_act_fwd_kernel": conv.CONV_UNSPECIALISED,
+    "_bias_act_epilogue_kernel": epilogue.EPILOGUE_UNSPECIALISED,
     "_max_pool2d_fwd_kernel": pool.MAX_POOL_UNSPECIALISED,
     "_global_avg_pool_fwd_kernel": pool.AVG_POOL_UNSPECIALISED,
 }
@@ -283,6 +286,83 @@ def measure(model_name="resnet50", dtype=torch.float16, batch=1, image=32, reps=
     }
 
 
+FP16_MODEL_BOUND = 1e-2  # DESIGN.md, Numerics: fp16, whole model, against an fp32 (tf32 off) eager reference
+
+
+def measure_cuda(
+    model_name="resnet50", dtype=torch.float16, batch=1, image=224, reps=50, rounds=7, device="cuda"
+) -> dict:
+    """On a GPU: the host's enqueue time per forward (forwards queued back to back, no synchronisation
+    until the end: at batch 1 the GPU waits for the host, so this is the host's work per forward, launch
+    calls included) and the latency of one forward, plain and replayed from a CUDA graph
+    (``fastres.cuda_graphs``); issue 10's goal is plain within 1.3x of graphed. The output is checked
+    against eager first (fp32, tf32 off) and the fused launches are counted, or nothing is reported.
+    ``device="cpu"`` runs the same steps on CPU tensors without a graph (the CPU test of this code)."""
+    import torchvision
+
+    import fastres
+    from fastres.testing import count_launches, rel_err
+
+    torch.manual_seed(0)
+    from fastres.testing import randomize_bn
+
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    eager = randomize_bn(getattr(torchvision.models, model_name)()).eval().to(device)
+    fused = fastres.convert(eager).to(dtype)
+    x = torch.randn(batch, 3, image, image, device=device).to(memory_format=torch.channels_last)
+    xd = x.to(dtype)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            ref = eager(x).float()
+            fused(xd)
+            with count_launches() as launches:
+                out = fused(xd)
+            sync()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    err = rel_err(out.float(), ref)
+    result = {
+        "model": model_name, "dtype": str(dtype).removeprefix("torch."), "batch": batch, "image": image,
+        "device": torch.cuda.get_device_name() if cuda else device, "fused_launches": len(launches),
+        "rel_err": err,
+        "bound": FP16_MODEL_BOUND, "ok": bool(err <= FP16_MODEL_BOUND and len(launches) > 0),
+    }
+    if not result["ok"]:
+        return result
+    graphed = fastres.cuda_graphs(fused) if cuda else fused
+    enqueue, plain, replay = [], [], []
+    with torch.inference_mode():
+        graphed(xd)
+        for _ in range(rounds):
+            sync()
+            start = time.perf_counter()
+            for _ in range(reps):
+                fused(xd)
+            enqueue.append((time.perf_counter() - start) / reps * 1e6)
+            sync()
+            for fn, into in ((fused, plain), (graphed, replay)):
+                times = []
+                for _ in range(reps):
+                    start = time.perf_counter()
+                    fn(xd)
+                    sync()
+                    times.append((time.perf_counter() - start) * 1e6)
+                into.append(statistics.median(times))
+    result.update({
+        "enqueue_us_per_forward": min(enqueue),
+        "latency_us_plain": min(plain),
+        "latency_us_graphed": min(replay),
+        "plain_over_graphed": min(plain) / min(replay),
+        "goal_plain_over_graphed": 1.3,
+        "raw_us": {"enqueue": enqueue, "plain": plain, "graphed": replay},
+        "reps": reps, "rounds": rounds,
+    })
+    return result
+
+
 def environment() -> dict:
     import platform
     import subprocess
@@ -321,8 +401,32 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--label", default="current")
     parser.add_argument("--out", type=Path, default=None, help="folder for host_overhead_<label>.json")
+    parser.add_argument(
+        "--cuda", action="store_true",
+        help="on a GPU: enqueue time per forward and batch-1 latency, plain and CUDA-graphed (224²)",
+    )
     args = parser.parse_args()
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if args.cuda:
+        if not torch.cuda.is_available():
+            print("--cuda: no CUDA GPU here", file=sys.stderr)
+            return 2
+        result = measure_cuda(args.model, dtype, reps=args.reps, rounds=min(args.rounds, 7))
+        result["label"], result["env"] = args.label, environment()
+        if not result["ok"]:
+            print(f"{args.model}: output off by {result['rel_err']:.2e} (bound {result['bound']}) or no "
+                  f"fused launch ({result['fused_launches']}): nothing timed")
+        else:
+            print(f"{args.model} batch 1 {args.dtype} on {result['device']}: enqueue "
+                  f"{result['enqueue_us_per_forward']:.0f} µs per forward; latency plain "
+                  f"{result['latency_us_plain']:.0f} µs, graphed {result['latency_us_graphed']:.0f} µs "
+                  f"({result['plain_over_graphed']:.2f}x; goal <= 1.3x)")
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            path = args.out / f"host_overhead_cuda_{args.label}.json"
+            path.write_text(json.dumps(result, indent=1) + "\n")
+            print(f"wrote {path}")
+        return 0 if result["ok"] else 1
     torch.set_num_threads(1)  # host work is one thread; nothing is computed
     result = measure(args.model, dtype, reps=args.reps, rounds=args.rounds)
     result["label"] = args.label

@@ -285,3 +285,14 @@ def test_plan_holds_the_old_storage_so_a_moved_tensor_is_always_seen():
     assert alive() is None or not any(  # the new plan holds only the new memory
         s.data_ptr() == old_ptr for s in fast[0].__dict__["_plan"].stamps.storages
     )
+
+
+def test_cuda_latency_measurement_runs_its_steps_on_cpu_tensors():
+    """benchmarks/host_overhead.py --cuda (enqueue time, plain and graphed batch-1 latency on a GPU): the
+    same code on CPU tensors in the interpreter, with no graph, so the GPU run is not its first."""
+    result = host_overhead.measure_cuda("resnet18", torch.float16, image=16, reps=1, rounds=1, device="cpu")
+    assert result["ok"], result
+    assert result["fused_launches"] == 19  # 20 convs, 3 shortcuts in their tails, the stem pool, the head
+    assert result["rel_err"] <= result["bound"]
+    for key in ("enqueue_us_per_forward", "latency_us_plain", "latency_us_graphed", "plain_over_graphed"):
+        assert result[key] > 0, key
