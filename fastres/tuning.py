@@ -23,6 +23,7 @@ batch size and resolution adds its own)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -256,6 +257,43 @@ def _check(out: torch.Tensor, ref: torch.Tensor, tol: float) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _cudnn_benchmark(device: torch.device):
+    """cuDNN picks its algorithms by measuring (shapes are fixed), as the benchmarks' peers do, on CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def _check_and_time(c: Candidate, ref: torch.Tensor, tol: float, timer, device: torch.device) -> None:
+    """Launch ``c`` once into its NaN-poisoned buffer, check it against ``ref``, and time it if it passed;
+    sets ``c.dropped`` to the reason when it fails to compile or launch, is wrong, or cannot be timed."""
+    try:
+        c.out.fill_(float("nan"))  # the compile phase may have run part of it (cuDNN's conv)
+        out = c.fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - triton's OutOfResources, CompilationError, ...
+        c.dropped = f"failed to compile or launch: {_first_line(e)}"
+        return
+    c.dropped = _check(out, ref, tol)
+    if c.dropped is None:
+        try:
+            c.ms = float(timer(c.fn, _ktuning.Choice(c.tactic, c.config)))
+        except Exception as e:  # noqa: BLE001
+            c.dropped = f"not timed: {_first_line(e)}"
+
+
 def _cuda_graph_timer(fn: Callable[[], object], choice: _ktuning.Choice) -> float:
     """Median ms of ``fn`` without host time: ``do_bench_cudagraph`` (triton 3.6 and 3.8 alike)."""
     from triton.testing import do_bench_cudagraph
@@ -468,22 +506,8 @@ def tune_layers(
         for dtype, batch, key, prob, cands in work:
             tol = layer_tol(dtype, device)
             for c in cands:
-                try:
-                    c.out.fill_(float("nan"))  # the compile phase may have run part of it (cuDNN's conv)
-                    out = c.fn()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                except Exception as e:  # noqa: BLE001 - triton's OutOfResources, CompilationError, ...
-                    c.dropped = (
-                        f"failed to compile or launch: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                    )
-                else:
-                    c.dropped = _check(out, prob["ref"], tol)
-                if c.dropped is None:
-                    try:
-                        c.ms = float(timer(c.fn, _ktuning.Choice(c.tactic, c.config)))
-                    except Exception as e:  # noqa: BLE001
-                        c.dropped = f"not timed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                with _cudnn_benchmark(device):
+                    _check_and_time(c, prob["ref"], tol, timer, device)
                 if c.dropped is not None:
                     result.dropped.append((key, c.tactic, c.config, c.dropped))
                     log(f"  dropped {_summary(c)}: {c.dropped}")
