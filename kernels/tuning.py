@@ -666,7 +666,8 @@ def tuned_tactic(
 ) -> tuple[str, str, Entry | None]:
     """(tactic, reason, the tuned entry or None) for one conv launch: ``tactics.choose`` with the tactic
     the tables (or the autotune cache) recorded for its shape key on ``arch`` (default: x's device).
-    What the reports name per layer. x may be a meta tensor (the rules read shapes and strides).
+    What the reports name per layer, and what a launch plan runs. x and weight are prototypes of the launch
+    (the rules read their shapes, strides, alignment and device; a meta tensor fails the TMA rules).
 
     >>> tuned_tactic(x, w, padding=1, arch="sm_90")                         # doctest: +SKIP
     ('gather', 'gather: default (tma_gemm is chosen only by FASTRES_TACTICS or a tuned table)', None)
