@@ -36,6 +36,7 @@ from fastres.fold import (
     fp32_precision,
 )
 from fastres.kernels import pool as _pool
+from fastres.kernels import tactics as _tactics
 from fastres.kernels import tuning as _tuning
 from fastres.kernels._common import INTERPRET, SUPPORTED_DTYPES
 
@@ -148,7 +149,18 @@ class _KernelLaunches:
 
     @staticmethod
     def prepare_conv(x, weight, bias, **kwargs):
-        return _tuning.prepare_conv(x, weight, bias, **kwargs)
+        """The launch of the tactic chosen for this conv (``kernels.tuning.tuned_tactic``: a tuned table's
+        choice where ``$FASTRES_TACTICS`` allows it, else the first applicable tactic, by default gather),
+        decided here, once per plan."""
+        sw = kwargs.get("shortcut_weight")
+        conv_args = {k: kwargs[k] for k in ("stride", "padding", "dilation", "groups") if k in kwargs}
+        name, _, entry = _tuning.tuned_tactic(
+            x, weight, shortcut_c_in=None if sw is None else sw.shape[1], **conv_args
+        )
+        if name == _tactics.GATHER:
+            return _tuning.prepare_conv(x, weight, bias, **kwargs)
+        config = None if entry is None else entry.config_for(name)
+        return _tactics.prepare(name, x, weight, bias, config=config, **kwargs)
 
     @staticmethod
     def prepare_max_pool2d(y, kernel_size, stride, padding):

@@ -274,3 +274,61 @@ def conv_bias_act(
         out=out,
         config=config if isinstance(config, conv.ConvConfig) else None,
     )
+
+
+class TacticLaunch:
+    """One conv of a launch plan run by a tactic other than ``gather``: its weights put in the tactic's
+    layout once (``WEIGHTS``), its tuned config; called like ``conv.ConvLaunch``
+    (``launch(x, residual=None, shortcut_x=None, out=None)``). Each call goes through the tactic's
+    launcher, i.e. Triton's generic launch path (argument binding, cache lookup): more host work per call
+    than gather's bound launch, which a tuner accepts only where the kernel gains more."""
+
+    __slots__ = ("name", "weight", "bias", "shortcut_weight", "config", "kwargs", "out_shape", "dtype")
+
+    def __init__(self, name, weight, bias, shortcut_weight, config, kwargs, out_shape, dtype) -> None:
+        self.name, self.weight, self.bias, self.shortcut_weight = name, weight, bias, shortcut_weight
+        self.config, self.kwargs, self.out_shape, self.dtype = config, kwargs, out_shape, dtype
+
+    def __call__(self, x, residual=None, shortcut_x=None, out=None) -> torch.Tensor:
+        return conv_bias_act(
+            x, self.weight, self.bias, residual=residual, shortcut_x=shortcut_x,
+            shortcut_weight=self.shortcut_weight, out=out, config=self.config, tactic=self.name,
+            **self.kwargs,
+        )
+
+
+def prepare(
+    name: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    config=None,
+    residual: torch.Tensor | None = None,
+    shortcut_x: torch.Tensor | None = None,
+    shortcut_weight: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[TacticLaunch, torch.Tensor]:
+    """(launch, an output-shaped prototype) of tactic ``name`` for tensors like these, as
+    ``conv.prepare_conv`` returns for gather; ValueError with the reason if ``name`` cannot run them.
+
+    >>> launch, y = prepare("tma_gemm", x, w, b, stride=1, padding=0)      # doctest: +SKIP
+    """
+    defaults = (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))
+    conv_args = {k: kwargs.get(k, d) for k, d in defaults}
+    why = applicable(name, x, weight, shortcut=shortcut_weight is not None, **conv_args)
+    if why is not None:
+        raise ValueError(f"tactic {name!r} cannot run this conv: {why}")
+    derive = WEIGHTS.get(name)
+    w = derive(weight) if derive is not None else weight
+    sw = derive(shortcut_weight) if derive is not None and shortcut_weight is not None else shortcut_weight
+    stride, padding, dilation = (conv._pair(conv_args[k], k) for k in ("stride", "padding", "dilation"))
+    (r, s), (h, wd) = weight.shape[-2:], x.shape[-2:]
+    out_shape = (
+        x.shape[0],
+        weight.shape[0],
+        conv.conv_output_size(h, r, stride[0], padding[0], dilation[0]),
+        conv.conv_output_size(wd, s, stride[1], padding[1], dilation[1]),
+    )
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    return TacticLaunch(name, w, bias, sw, config, kwargs, out_shape, x.dtype), out
