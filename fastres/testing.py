@@ -77,9 +77,29 @@ class LaunchLog(list):
         return sum(1 for k in self if k == name)
 
 
+def launching_modules() -> list:
+    """Every module of ``fastres.kernels`` that launches Triton kernels: each calls its own ``launchable``
+    (imported from ``_common``) per launch, directly or through a ``BoundLaunch``; conv, pool, the TMA GEMM
+    and conv, and the epilogue pass (split-K's reduce, the cudnn tactic's epilogue)."""
+    import importlib
+    import pkgutil
+
+    from fastres import kernels
+
+    found = []
+    for info in pkgutil.iter_modules(kernels.__path__):
+        if info.name == "_common":  # where launchable is defined, not where it is called
+            continue
+        mod = importlib.import_module(f"{kernels.__name__}.{info.name}")
+        if callable(getattr(mod, "launchable", None)):
+            found.append(mod)
+    return found
+
+
 @contextlib.contextmanager
 def count_launches():
-    """Record every Triton launch the fastres launchers make (conv, 1x1 TMA GEMM and pool kernel families).
+    """Record every Triton launch the fastres launchers make (every module of ``launching_modules()``:
+    conv, pool, TMA GEMM / conv, the epilogue pass, so a split-K conv counts its two launches).
 
     The benchmarks use it to prove that a "fastres" figure came from the fused kernels, and the tests
     to prove that a path was fused rather than run eagerly. The launch itself still happens.
@@ -88,12 +108,8 @@ def count_launches():
     ...     fast(x)
     >>> assert len(launches) == 51                                      # doctest: +SKIP
     """
-    from fastres.kernels import conv as conv_kernels
-    from fastres.kernels import pool as pool_kernels
-    from fastres.kernels import tma_gemm as tma_gemm_kernels
-
     log = LaunchLog()
-    patched = [(mod, mod.launchable) for mod in (conv_kernels, pool_kernels, tma_gemm_kernels)]
+    patched = [(mod, mod.launchable) for mod in launching_modules()]
 
     def counting(original):
         def launchable(kernel):

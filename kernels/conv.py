@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -38,7 +38,7 @@ from ._common import (
     tl_dtype_ok,
     unused_pointer,
 )
-from .epilogue import bias_act_epilogue
+from .epilogue import prepare_bias_act_epilogue
 
 # Tuning constants.
 # Interpreter: one large-block config; each program instance costs milliseconds in the
@@ -70,18 +70,38 @@ CONV_UNSPECIALISED = ("BATCH", "H", "W")
 TF32_ROUND_DEVICE_TYPES = ("cuda",)
 # Grouped tile order: GROUP_M row tiles share a column of weight tiles in L2.
 GROUP_M = 8
-# Split-K (pick_config): only where the tiles leave SMs idle. Resident programs per SM by tile, from the
-# kernel report (sm_90, fp16, batch 32): a 128x128 tile takes 150-195 registers x 8 warps, one per SM; the
-# smaller ones (128x64: 92-127 registers x 8 warps, 96 KiB) two.
-FULL_TILE = 128 * 128
-PROGRAMS_PER_SM_FULL_TILE = 1
-PROGRAMS_PER_SM_SMALL_TILE = 2
-# SM count for the split choice when no GPU is visible: H100 SXM's (the kernel report's sm_90 part).
+# SM count for the cost model when no GPU is visible: H100 SXM's (the kernel report's sm_90 part).
 REFERENCE_SMS = 132
-# At most 8 slices, each at least 4 K iterations (a 4-stage pipeline has something to overlap); every
-# slice adds 8 bytes per output element (fp32 partial written, then read): NOTES.md counts them.
+# Split-K: at most 8 slices, each at least 4 K iterations (a 4-stage pipeline has something to overlap).
 SPLIT_K_MAX = 8
 MIN_K_ITERS_PER_SPLIT = 4
+# Smaller tiles the cost model weighs against the default (pick_config): halves of it down to 64 rows or
+# columns (one warpgroup's wgmma M; below 64 rows sm_90 falls back to mma.sync).
+MIN_CANDIDATE_BLOCK = 64
+
+# Cost model (pick_config, predict_config): a roofline per candidate config, from counted FLOPs and bytes.
+# H100 SXM5 figures, NVIDIA H100 Tensor Core GPU datasheet (dense, without sparsity): 989.4 TFLOP/s fp16 /
+# bf16 and 494.7 TF32 on the tensor cores, 3.35 TB/s of HBM3, 132 SMs (REFERENCE_SMS). Ridge point:
+# 989.4 / 3.35 ≈ 295 FLOP/B (fp16), 148 (tf32): below it a launch is bound by bytes.
+H100_PEAK_FLOPS_16BIT = 989.4e12
+H100_PEAK_FLOPS_TF32 = 494.7e12
+H100_HBM_BYTES_PER_S = 3.35e12
+RIDGE_FLOP_PER_BYTE = H100_PEAK_FLOPS_16BIT / H100_HBM_BYTES_PER_S
+# Shared memory per SM: 228 KiB, 1 KiB of it reserved per resident block (CUDA C++ Programming Guide,
+# compute capability 9.0; the kernel report's occupancy uses the same); it bounds the resident programs.
+SMEM_PER_SM = 228 * 1024
+SMEM_RESERVED_PER_PROGRAM = 1024
+# Assumptions, not measurements (no GPU has run this kernel; the tuner measures and its table wins):
+# - a program of the default 128x128 tile, alone on its SM with 8 warps, reaches 60% of the SM's share of
+#   the peak (NOTES.md, issue 11's count); fewer resident warps reach proportionally less;
+ACHIEVABLE_FRACTION = 0.6
+SATURATING_WARPS = 8
+# - a smaller tile moves more bytes through shared memory per FLOP (the pipeline's copies of A and B, then
+#   each warpgroup's wgmma reads of its 64 rows of A and all of B); its fraction of peak is the default's
+#   scaled by the default's shared-memory bytes per FLOP over its own (64x128: 0.83, 64x64: 0.63);
+# - the split-K partials cost DRAM bandwidth both ways (an upper bound: they may stay in the 50 MB L2);
+# - the epilogue pass's launch and ramp cost 3 µs (NOTES.md's 2-4 µs launch gap between kernels).
+EXTRA_LAUNCH_S = 3e-6
 
 
 @dataclass(frozen=True)
@@ -439,16 +459,40 @@ def pick_config(
     num_sms: int | None = None,
 ) -> ConvConfig:
     """The heuristic block config for one conv shape: the launcher's default, used where no table or
-    autotune entry has it (``fastres.kernels.tuning.select_config``), and always under the interpreter."""
-    flat = c_in_g < FLAT_K_MAX_CIN
-    k_extent = r * s * c_in_g if flat else c_in_g
+    autotune entry has it (``fastres.kernels.tuning.select_config``), and always under the interpreter.
+
+    On a GPU: the candidate with the least predicted time (``predict_config``, a roofline on H100 SXM
+    figures) among the default tile unsplit, its halves down to 64 rows / columns unsplit, and the default
+    tile split into 2 to ``SPLIT_K_MAX`` K slices. Ties go to more of a wave, then fewer slices, then the
+    larger tile. ResNet-50 at batch 32 (fp16, 132 SMs): benchmarks/NOTES.md lists each layer's choice.
+
+    >>> pick_config(32 * 49, 512, 512, 3, 3, torch.float16, interpret=False, num_sms=132).split_k
+    2
+    """
     if interpret:
+        flat = c_in_g < FLAT_K_MAX_CIN
+        k_extent = r * s * c_in_g if flat else c_in_g
         cap = INTERPRET_MAX_BLOCK
         return ConvConfig(
             block_m=min(cap, max(MIN_BLOCK, next_pow2(m))),
             block_n=min(cap, max(MIN_BLOCK, next_pow2(c_out_g))),
             block_k=min(cap, max(MIN_BLOCK, next_pow2(k_extent))),
         )
+    sms = num_sms or _num_sms()
+    best, best_key = None, None
+    for cfg in config_candidates(m, c_out_g, c_in_g, r, s, dtype):
+        pred = predict_config(m, c_out_g, c_in_g, r, s, dtype, cfg, groups=groups, num_sms=sms)
+        # Picoseconds: equal predictions (two half tiles on an SM against one whole) compare equal.
+        key = (round(pred.seconds, 12), -min(1.0, pred.waves), cfg.split_k, -cfg.block_m * cfg.block_n)
+        if best_key is None or key < best_key:
+            best, best_key = cfg, key
+    return best
+
+
+def default_tile(m: int, c_out_g: int, c_in_g: int, r: int, s: int, dtype: torch.dtype) -> ConvConfig:
+    """The GPU default tile, unsplit: 128x128 (clamped to the problem) with BLOCK_K 64 (32 for fp32)."""
+    flat = c_in_g < FLAT_K_MAX_CIN
+    k_extent = r * s * c_in_g if flat else c_in_g
     block_k = 32 if dtype == torch.float32 else 64
     if flat:
         # The flattened K loop builds [BLOCK_M, BLOCK_K] index tiles: at BLOCK_K = 64 a ResNeXt
@@ -456,18 +500,123 @@ def pick_config(
         # registers without spills for it and for the stem (kernel report, fp16/bf16/fp32).
         block_k = 32
     block_m = min(GPU_BLOCK_M, max(MIN_BLOCK, next_pow2(m)))
-    block_n = min(GPU_BLOCK_N, max(MIN_BLOCK, next_pow2(c_out_g)))
-    block_k = min(block_k, max(MIN_BLOCK, next_pow2(k_extent)))
-    k_iters = triton.cdiv(r * s * c_in_g, block_k) if flat else r * s * triton.cdiv(c_in_g, block_k)
-    per_sm = PROGRAMS_PER_SM_FULL_TILE if block_m * block_n >= FULL_TILE else PROGRAMS_PER_SM_SMALL_TILE
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(c_out_g, block_n) * groups
     return ConvConfig(
         block_m=block_m,
-        block_n=block_n,
-        block_k=block_k,
+        block_n=min(GPU_BLOCK_N, max(MIN_BLOCK, next_pow2(c_out_g))),
+        block_k=min(block_k, max(MIN_BLOCK, next_pow2(k_extent))),
         num_warps=GPU_WARPS if block_m >= GPU_BLOCK_M else SMALL_TILE_WARPS,
         num_stages=GPU_STAGES,
-        split_k=pick_split_k(tiles, k_iters, per_sm * (num_sms or _num_sms())),
+    )
+
+
+def config_candidates(
+    m: int, c_out_g: int, c_in_g: int, r: int, s: int, dtype: torch.dtype
+) -> list[ConvConfig]:
+    """What ``pick_config`` weighs on a GPU: the default tile, its halves (rows, columns, both; none below
+    ``MIN_CANDIDATE_BLOCK``) unsplit, and the default tile split into 2 to ``SPLIT_K_MAX`` slices of at least
+    ``MIN_K_ITERS_PER_SPLIT`` K iterations each."""
+    base = default_tile(m, c_out_g, c_in_g, r, s, dtype)
+    out = [base]
+    for bm, bn in (
+        (base.block_m // 2, base.block_n),
+        (base.block_m, base.block_n // 2),
+        (base.block_m // 2, base.block_n // 2),
+    ):
+        if min(bm, bn) >= MIN_CANDIDATE_BLOCK:
+            warps = GPU_WARPS if bm >= GPU_BLOCK_M else SMALL_TILE_WARPS
+            out.append(ConvConfig(bm, bn, base.block_k, warps, GPU_STAGES))
+    k_iters = _k_iters(c_in_g, r, s, base.block_k)
+    for split in range(2, SPLIT_K_MAX + 1):
+        if k_iters < split * MIN_K_ITERS_PER_SPLIT:
+            break
+        out.append(replace(base, split_k=split))
+    return out
+
+
+def _k_iters(c_in_g: int, r: int, s: int, block_k: int) -> int:
+    """K iterations of the main loop (the flattened range for small C_in, else taps x channel blocks)."""
+    if c_in_g < FLAT_K_MAX_CIN:
+        return triton.cdiv(r * s * c_in_g, block_k)
+    return r * s * triton.cdiv(c_in_g, block_k)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """``predict_config``'s estimate for one config: a model, not a measurement."""
+
+    seconds: float  # both passes, the extra launch included
+    compute_s: float  # the GEMM pass's busiest SM at its achievable fraction of peak
+    dram_bytes: int  # compulsory bytes of both passes (the split-K partials written and read included)
+    programs: int
+    programs_per_sm: int  # resident at once, by shared memory
+    waves: float  # programs / (programs_per_sm x SMs): the kernel report's column
+    sms_busy: int
+
+
+def _smem_bytes_per_flop(block_m: int, block_n: int) -> float:
+    """Elements through shared memory per FLOP of a tile's K step: the pipeline writes A and B once, each
+    warpgroup (64 rows) reads its rows of A and all of B; per element of the dtype."""
+    warpgroups = max(1, block_m // 64)
+    return (2 * block_m + block_n * (1 + warpgroups)) / (2 * block_m * block_n)
+
+
+def predict_config(
+    m: int,
+    c_out_g: int,
+    c_in_g: int,
+    r: int,
+    s: int,
+    dtype: torch.dtype,
+    cfg: ConvConfig,
+    *,
+    groups: int = 1,
+    num_sms: int = REFERENCE_SMS,
+) -> Prediction:
+    """Predicted time of one conv launch with ``cfg`` on an H100 SXM-like GPU with ``num_sms`` SMs (the
+    module's cost-model constants: H100 SXM datasheet figures per SM, and labelled assumptions).
+
+    GEMM pass: max(compute, bytes / HBM bandwidth). Compute is the busiest SM's: ceil(programs / SMs)
+    programs of 2·BLOCK_M·BLOCK_N·BLOCK_K FLOPs per K iteration (masked lanes compute too) at
+    ACHIEVABLE_FRACTION of its share of the peak, scaled down for fewer than SATURATING_WARPS resident
+    warps and for the tile's shared-memory bytes per FLOP. Bytes: input (counted as M·C_in: exact at
+    stride 1), weight, bias, and the output, or with split-K the fp32 partials (4 B x split x M x C_out).
+    Split-K adds the epilogue pass (partials read, output written, at DRAM bandwidth) and EXTRA_LAUNCH_S.
+    A residual's read is the same in every candidate and left out."""
+    elem = dtype.itemsize
+    tf32 = dtype == torch.float32
+    c_out = c_out_g * groups
+    split = max(1, cfg.split_k)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out_g, cfg.block_n) * groups
+    programs = tiles * split
+    smem = cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * elem
+    per_sm = max(1, min(SMEM_PER_SM // (smem + SMEM_RESERVED_PER_PROGRAM), 64 // cfg.num_warps))
+    per_busiest = triton.cdiv(programs, num_sms)
+    occupancy = min(1.0, min(per_busiest, per_sm) * cfg.num_warps / SATURATING_WARPS)
+    tile_factor = min(
+        1.0, _smem_bytes_per_flop(GPU_BLOCK_M, GPU_BLOCK_N) / _smem_bytes_per_flop(cfg.block_m, cfg.block_n)
+    )
+    peak_per_sm = (H100_PEAK_FLOPS_TF32 if tf32 else H100_PEAK_FLOPS_16BIT) / REFERENCE_SMS
+    iters = triton.cdiv(_k_iters(c_in_g, r, s, cfg.block_k), split)
+    flops = per_busiest * 2 * cfg.block_m * cfg.block_n * cfg.block_k * iters
+    compute = flops / (peak_per_sm * ACHIEVABLE_FRACTION * occupancy * tile_factor)
+    inputs = elem * (m * c_in_g * groups + r * s * c_in_g * c_out) + 4 * c_out
+    out = elem * m * c_out
+    if split == 1:
+        nbytes = inputs + out
+        seconds = max(compute, nbytes / H100_HBM_BYTES_PER_S)
+    else:
+        partials = 4 * split * m * c_out
+        nbytes = inputs + 2 * partials + out
+        gemm = max(compute, (inputs + partials) / H100_HBM_BYTES_PER_S)
+        seconds = gemm + (partials + out) / H100_HBM_BYTES_PER_S + EXTRA_LAUNCH_S
+    return Prediction(
+        seconds=seconds,
+        compute_s=compute,
+        dram_bytes=nbytes,
+        programs=programs,
+        programs_per_sm=per_sm,
+        waves=programs / (per_sm * num_sms),
+        sms_busy=min(programs, num_sms),
     )
 
 
@@ -475,30 +624,6 @@ def _num_sms() -> int:
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     return REFERENCE_SMS
-
-
-def pick_split_k(tiles: int, k_iters: int, slots: int) -> int:
-    """K slices for ``tiles`` output tiles of ``k_iters`` K iterations on ``slots`` resident programs.
-
-    1 when the tiles fill the slots. Else the split with the least GEMM time in units of one unsplit tile:
-    ceil(tiles·split / slots) rounds of 1/split each, the fewest slices on a tie (each slice adds fp32
-    partial-sum traffic), at most SPLIT_K_MAX and each slice at least MIN_K_ITERS_PER_SPLIT iterations.
-    ResNet-50 at batch 32 on 132 SMs: 98 tiles (layer3) take 4 (0.75 of the time, 2.97 waves), 52 tiles
-    (layer4) 5 (0.4, 1.97 waves); NOTES.md has the bytes.
-
-    >>> pick_split_k(52, 72, 132), pick_split_k(98, 16, 132), pick_split_k(196, 36, 132)
-    (5, 4, 1)
-    """
-    if tiles >= slots:
-        return 1
-    best, best_cost = 1, 1.0
-    for split in range(2, SPLIT_K_MAX + 1):
-        if k_iters < split * MIN_K_ITERS_PER_SPLIT:
-            break
-        cost = triton.cdiv(tiles * split, slots) / split
-        if cost < best_cost:
-            best, best_cost = split, cost
-    return best
 
 
 def fit_ieee(cfg: ConvConfig) -> ConvConfig:
@@ -588,14 +713,32 @@ class ConvLaunch:
     16-byte alignment (the module's launch plan checks its input; the rest are outputs of earlier
     launches of the plan), and returns the output.
 
+    Split-K (``split``): two launches, both prepared here and bound alike: the GEMM pass into an fp32
+    workspace, then the epilogue pass (``kernels/epilogue.py``'s ``EpilogueLaunch``). The workspace is
+    allocated on each call (``torch.empty``: a block of the caching allocator, no memset), not held: a held
+    buffer would be shared by calls that can overlap (two threads or streams running one module, a CUDA
+    graph captured while eager calls run), whereas each call's block is stream-ordered by the allocator.
+
     >>> launch, _ = prepare_conv(x, w, b, padding=1)                        # doctest: +SKIP
     >>> y = launch(x)                                                       # doctest: +SKIP
     """
 
-    __slots__ = ("out_shape", "dtype", "device", "template", "bound", "has_residual", "has_shortcut", "split")
+    __slots__ = (
+        "out_shape", "dtype", "device", "template", "bound", "has_residual", "has_shortcut", "ws_shape",
+        "epilogue",
+    )  # fmt: skip
 
     def __init__(
-        self, out_shape, dtype, device, template, bound, has_residual, has_shortcut, split=None
+        self,
+        out_shape,
+        dtype,
+        device,
+        template,
+        bound,
+        has_residual,
+        has_shortcut,
+        ws_shape=None,
+        epilogue=None,
     ) -> None:
         self.out_shape = out_shape
         self.dtype = dtype
@@ -604,7 +747,8 @@ class ConvLaunch:
         self.bound = bound  # a BoundLaunch, or None when there is nothing to compute
         self.has_residual = has_residual
         self.has_shortcut = has_shortcut
-        self.split = split  # split-K: (workspace shape, epilogue keyword arguments), else None
+        self.ws_shape = ws_shape  # split-K: the fp32 workspace (split_k x batch, C_out, P, Q), else None
+        self.epilogue = epilogue  # split-K: the prepared epilogue pass (an EpilogueLaunch), else None
 
     def __call__(self, x, residual=None, shortcut_x=None, out=None) -> torch.Tensor:
         if out is None:
@@ -614,13 +758,11 @@ class ConvLaunch:
         args = self.template.copy()
         args[0] = x
         args[_X2] = shortcut_x if self.has_shortcut else x
-        if self.split is not None:
-            # Partial sums into a workspace (the caching allocator's block), then the epilogue pass.
-            ws_shape, epilogue = self.split
-            ws = torch.empty(ws_shape, dtype=torch.float32, device=self.device, memory_format=_CL)
+        if self.epilogue is not None:
+            ws = torch.empty(self.ws_shape, dtype=torch.float32, device=self.device, memory_format=_CL)
             args[4] = ws
             self.bound(args)
-            return bias_act_epilogue(ws[: self.out_shape[0]], out=out, residual=residual, **epilogue)
+            return self.epilogue(ws, out, residual)
         args[4] = out
         if self.has_residual:
             args[3] = residual
@@ -796,27 +938,34 @@ def prepare_conv(
     # Without a residual its pointer is never read: a dedicated dummy, not ``out`` (one buffer as a read
     # and a written argument misleads torch.compile), with out's strides (the same specialisation).
     round_tf32 = x.dtype == torch.float32 and precision == "tf32" and x.device.type in TF32_ROUND_DEVICE_TYPES
-    split, dst = None, out
+    ws_shape, epilogue, dst = None, None, out
     if cfg.split_k > 1:
         # Split-K: the kernel stores fp32 partial sums in a workspace of split_k × out's shape (channels_last:
         # slice k is BATCH·stride_on further on); the epilogue pass adds bias and residual, applies the
         # activation. The GEMM pass reads neither, so its flags are off (one compile for every epilogue).
+        # The prototype workspace is a meta tensor: its strides are each call's (ConvLaunch allocates).
         ws_shape = (cfg.split_k * batch, c_out, p, q)
-        dst = torch.empty(ws_shape, dtype=torch.float32, device=x.device, memory_format=_CL)
-        epilogue = dict(
-            bias=bias,
+        dst = torch.empty(ws_shape, dtype=torch.float32, device="meta", memory_format=_CL)
+        epilogue = prepare_bias_act_epilogue(
+            dst,
+            bias,
+            out,
             num_src=cfg.split_k,
             src_split_stride=m * c_out,
+            residual=residual,
             act_code=code,
             act_a=act_a,
             act_b=act_b,
             round_tf32=round_tf32,
         )
-        split = (ws_shape, epilogue)
         residual_in_gemm, code, round_tf32 = None, 0, False
     else:
         residual_in_gemm = residual
-    res = residual_in_gemm if residual_in_gemm is not None else unused_pointer(dst)
+    res = (
+        residual_in_gemm
+        if residual_in_gemm is not None
+        else unused_pointer(out if epilogue is None else bias)
+    )
     res_strides = residual_in_gemm.stride() if residual_in_gemm is not None else dst.stride()
     x2 = shortcut_x if shortcut_x is not None else x  # never read when HAS_SHORTCUT is False
     w2 = shortcut_weight if shortcut_weight is not None else weight
@@ -877,7 +1026,17 @@ def prepare_conv(
     kernel = _conv_bias_act_fwd_kernel
     owner = sys.modules[__name__]
     bound = BoundLaunch(owner, kernel, grid, len(runtime), _CONV_CONSTEXPRS, options, x.device)
+    if epilogue is not None:
+        template[4] = None  # the meta prototype: each call passes its own workspace
     launch = ConvLaunch(
-        out_shape, x.dtype, x.device, template, bound, residual_in_gemm is not None, x2 is not x, split
+        out_shape,
+        x.dtype,
+        x.device,
+        template,
+        bound,
+        residual_in_gemm is not None,
+        x2 is not x,
+        ws_shape,
+        epilogue,
     )
     return launch, out

@@ -18,12 +18,20 @@ residual (in place).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
 
 from ._act import _apply_act, _round_tf32
-from ._common import INTERPRET, launchable, next_pow2, unused_pointer
+from ._common import (  # launchable is looked up here per launch: count_launches patches it
+    INTERPRET,
+    BoundLaunch,
+    launchable,  # noqa: F401
+    next_pow2,
+    unused_pointer,
+)
 
 # Tuning constants.
 # An elementwise pass: 4096-element tiles (32 per thread with 4 warps), channels innermost so a
@@ -137,39 +145,104 @@ def bias_act_epilogue(
 
     >>> bias_act_epilogue(y, b, y, residual=identity, act_code=ACT_CODES["relu"])   # doctest: +SKIP
     """
-    batch, c, p, q = out.shape
-    m = batch * p * q
-    if m == 0 or c == 0:
-        return out
-    block_m, block_c = blocks(c)
-    # Unused pointers: a dedicated dummy (conv.py's reason), with out's strides (the same specialisation).
-    res = residual if residual is not None else unused_pointer(out)
-    r2 = res2 if res2 is not None else unused_pointer(out)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
-    launchable(_bias_act_epilogue_kernel)[grid](
+    launch = prepare_bias_act_epilogue(
         src,
         bias,
-        res,
-        r2,
         out,
+        num_src=num_src,
+        src_split_stride=src_split_stride,
+        residual=residual,
+        res2=res2,
+        act_code=act_code,
+        act_a=act_a,
+        act_b=act_b,
+        round_tf32=round_tf32,
+    )
+    return launch(src, out, residual, res2)
+
+
+class EpilogueLaunch:
+    """``bias_act_epilogue`` prepared once for one signature (DESIGN.md, The hot path), as ``ConvLaunch``
+    is for the conv: a call takes the tensors that change (src, out, residual, res2), which must have the
+    prototypes' dtype, shape, strides, device and 16-byte alignment, and launches through a ``BoundLaunch``.
+
+    >>> launch = prepare_bias_act_epilogue(ws, b, y, num_src=4, src_split_stride=m * c)   # doctest: +SKIP
+    >>> launch(ws, y)                                                                      # doctest: +SKIP
+    """
+
+    __slots__ = ("template", "bound", "has_residual", "has_res2")
+
+    def __init__(self, template, bound, has_residual: bool, has_res2: bool) -> None:
+        self.template = template  # every kernel argument in parameter order; the call's tensors are None
+        self.bound = bound  # a BoundLaunch, or None when there is nothing to compute
+        self.has_residual = has_residual
+        self.has_res2 = has_res2
+
+    def __call__(self, src, out, residual=None, res2=None) -> torch.Tensor:
+        if self.bound is None:
+            return out
+        args = self.template.copy()
+        args[0] = src
+        args[4] = out
+        if self.has_residual:
+            args[2] = residual
+        if self.has_res2:
+            args[3] = res2
+        self.bound(args)
+        return out
+
+
+_EPILOGUE_CONSTEXPRS = ("NUM_SRC", "HAS_RESIDUAL", "HAS_RES2", "ACT", "ROUND_TF32", "BLOCK_M", "BLOCK_C")
+
+
+def prepare_bias_act_epilogue(
+    src: torch.Tensor,
+    bias: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    num_src: int = 1,
+    src_split_stride: int = 0,
+    residual: torch.Tensor | None = None,
+    res2: torch.Tensor | None = None,
+    act_code: int = 1,
+    act_a: float = 0.0,
+    act_b: float = 0.0,
+    round_tf32: bool = False,
+) -> EpilogueLaunch:
+    """Everything ``bias_act_epilogue`` does before the launch, for these tensors as prototypes (only their
+    dtypes, strides and devices are kept: the template holds no src or out)."""
+    batch, c, p, q = out.shape
+    m = batch * p * q
+    has_residual, has_res2 = residual is not None, res2 is not None
+    if m == 0 or c == 0:
+        return EpilogueLaunch(None, None, has_residual, has_res2)
+    block_m, block_c = blocks(c)
+    # Unused pointers: a dedicated dummy (conv.py's reason), with out's strides (the same specialisation).
+    res = residual if has_residual else unused_pointer(out)
+    r2 = res2 if has_res2 else unused_pointer(out)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(c, block_c))
+    runtime = [
+        None,  # src: each call's
+        bias,
+        None if has_residual else res,
+        None if has_res2 else r2,
+        None,  # out: each call's
         m,
         p,
         q,
         c,
         src_split_stride,
         *src.stride(),
-        *(residual.stride() if residual is not None else out.stride()),
-        *(res2.stride() if res2 is not None else out.stride()),
+        *(residual.stride() if has_residual else out.stride()),
+        *(res2.stride() if has_res2 else out.stride()),
         *out.stride(),
         float(act_a),
         float(act_b),
-        NUM_SRC=num_src,
-        HAS_RESIDUAL=residual is not None,
-        HAS_RES2=res2 is not None,
-        ACT=act_code,
-        ROUND_TF32=round_tf32,
-        BLOCK_M=block_m,
-        BLOCK_C=block_c,
-        num_warps=GPU_WARPS,
-    )
-    return out
+    ]
+    consts = (num_src, has_residual, has_res2, act_code, round_tf32, block_m, block_c)
+    owner = sys.modules[__name__]
+    bound = BoundLaunch(
+        owner, _bias_act_epilogue_kernel, grid, len(runtime), _EPILOGUE_CONSTEXPRS, {"num_warps": GPU_WARPS},
+        out.device,
+    )  # fmt: skip
+    return EpilogueLaunch(runtime + list(consts), bound, has_residual, has_res2)

@@ -16,7 +16,10 @@ CUDA-only device check off). Nothing is computed: the tests check what would be 
 from __future__ import annotations
 
 import contextlib
+import copy
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,3 +280,125 @@ def test_launch_on_a_second_gpu():
     torch.testing.assert_close(p.cpu(), torch.nn.functional.max_pool2d(y.cpu(), 3, 2, 1))
     g = pool.global_avg_pool(y)
     torch.testing.assert_close(g.cpu(), y.cpu().mean((2, 3), keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+# ---- split-K through a launch plan: two launches (GEMM pass, epilogue pass), both prepared once ----
+
+
+def _bottleneck(downsample: bool):
+    """A converted torchvision Bottleneck with random BN statistics: identity shortcut (residual into the
+    last launch) or a strided projection (accumulated into the last launch as a second K range)."""
+    from torchvision.models.resnet import Bottleneck
+
+    import fastres
+    from fastres.testing import randomize_bn
+
+    torch.manual_seed(0)
+    if downsample:
+        proj = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 1, 2, bias=False), torch.nn.BatchNorm2d(32))
+        block, shape = Bottleneck(16, 8, stride=2, downsample=proj), (2, 16, 7, 7)
+    else:
+        block, shape = Bottleneck(32, 8), (2, 32, 6, 6)
+    eager = randomize_bn(torch.nn.Sequential(block), 3).eval()
+    return eager, fastres.convert(copy.deepcopy(eager)), shape
+
+
+def _force_split(monkeypatch, split: int) -> list:
+    """Every conv launch the modules prepare gets the interpreter's config with BLOCK_K 16 and ``split`` K
+    slices (through kernels.tuning's lookup, as a table entry would give it). Returns the configs given."""
+    from dataclasses import replace
+
+    from fastres.kernels import tuning
+
+    given = []
+
+    def select_config(x, weight, *, groups, m, **kwargs):
+        c_out, c_in_g, r, s = weight.shape
+        base = conv.pick_config(m, c_out // groups, c_in_g, r, s, x.dtype, interpret=True)
+        given.append(replace(base, block_k=16, split_k=split))
+        return given[-1]
+
+    monkeypatch.setattr(tuning, "select_config", select_config)
+    return given
+
+
+@pytest.mark.parametrize("downsample", [False, True], ids=["identity", "projection"])
+def test_split_k_plan_matches_the_ops_over_several_forwards(monkeypatch, downsample):
+    """Interpreter: a FusedBottleneck whose every launch is split 3 ways gives through its plan the bits the
+    ops give, forward after forward; each conv counts its two launches (GEMM pass, then epilogue pass); the
+    epilogue pass is prepared with the plan, not on each forward."""
+    from fastres import modules
+    from fastres.kernels import epilogue
+    from fastres.testing import assert_close, count_launches
+
+    given = _force_split(monkeypatch, 3)
+    eager, fused, shape = _bottleneck(downsample)
+    ops_route = copy.deepcopy(fused)
+    prepared = []
+    real_prepare = conv.prepare_bias_act_epilogue
+    monkeypatch.setattr(
+        conv, "prepare_bias_act_epilogue", lambda *a, **k: prepared.append(1) or real_prepare(*a, **k)
+    )
+    outs = []
+    with torch.inference_mode():
+        for i in range(3):
+            x = torch.randn(shape).to(memory_format=torch.channels_last)
+            with count_launches() as log:
+                y = fused(x)
+            if i == 0:
+                plan = fused[0].__dict__["_plan"]
+                convs, n_prepared = log.count_of("_conv_bias_act_fwd_kernel"), len(prepared)
+                assert plan is not None and convs in (3, 4) and n_prepared == convs
+            assert fused[0].__dict__["_plan"] is plan, "a later forward made a new plan"
+            assert len(prepared) == n_prepared, "the epilogue pass was prepared again on a later forward"
+            assert log == ["_conv_bias_act_fwd_kernel", "_bias_act_epilogue_kernel"] * convs
+            outs.append((x, y))
+        assert all(c.split_k == 3 for c in given)
+        monkeypatch.setattr(modules, "_plannable", lambda x: False)  # the ops, no plan
+        for x, y in outs:
+            with count_launches() as log:
+                ref = ops_route(x)
+            assert ops_route[0].__dict__.get("_plan") is None
+            n_epilogue = log.count_of("_bias_act_epilogue_kernel")
+            assert n_epilogue == log.count_of("_conv_bias_act_fwd_kernel") == convs
+            assert torch.equal(y, ref), "plan and ops differ"
+            assert_close(y, eager.double()(x.double()), rel=1e-5, atol=1e-4, rtol=1e-4, what="vs fp64 eager")
+    assert epilogue.EpilogueLaunch.__slots__  # the prepared pass's type, bound like the conv's
+
+
+def test_split_k_plan_launches_both_passes_bound_after_the_first_forward(monkeypatch):
+    """GPU code path, recorded on the CPU (benchmarks/host_overhead.py): after the first forward the GEMM
+    pass and the epilogue pass of every split conv launch through their bound compiled kernels (no
+    JITFunction.run), with the same arguments, each call with a workspace of its own."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import host_overhead
+
+    _force_split(monkeypatch, 2)
+    _, fused, shape = _bottleneck(False)
+    x = torch.randn(shape).to(memory_format=torch.channels_last)
+    with host_overhead.recorded_launches() as rec, torch.inference_mode():
+        runs = []
+        for name, mod in host_overhead.KERNELS.items():
+            kernel = getattr(mod, name)
+            original = kernel.run
+            monkeypatch.setattr(kernel, "run", lambda *a, _o=original, **k: runs.append(1) or _o(*a, **k))
+        fused(x)
+        first = list(rec.log)
+        names = [n for n, _, _ in first]
+        assert names == ["_conv_bias_act_fwd_kernel", "_bias_act_epilogue_kernel"] * 3
+        assert len(runs) == 6
+        rec.log.clear()
+        fused(x)
+        second = list(rec.log)
+        assert len(runs) == 6, "a later forward went through JITFunction.run"
+        for (na, ga, aa), (nb, gb, ab) in zip(first, second, strict=True):
+            assert (na, ga, len(aa)) == (nb, gb, len(ab))
+            for u, v in zip(aa, ab, strict=True):
+                if isinstance(u, torch.Tensor):
+                    assert (u.dtype, u.shape, u.stride()) == (v.dtype, v.shape, v.stride())
+                else:
+                    assert u == v
+        for i in (0, 2, 4):  # the GEMM pass writes the workspace the epilogue pass then reads
+            gemm, epi = second[i][2], second[i + 1][2]
+            assert gemm[4].dtype == torch.float32 and epi[0] is gemm[4]
+            assert gemm[4].shape[0] == 2 * shape[0]
