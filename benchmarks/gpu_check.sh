@@ -14,7 +14,8 @@
 #
 # OUTDIR receives few files (a GPU machine returns at most 8): gpu_check.log (everything printed),
 # results.json (all runs combined), report.md, kernels_speedup.png, models_throughput.png,
-# roofline.png and the tuned table <arch>.json (7 files, each well under 16 MiB; the table is copied
+# roofline.png, host_overhead_cuda_gpu.json (host work, batch-1 latency plain and graphed) and the tuned
+# table <arch>.json (8 files, the most a GPU machine returns; each well under 16 MiB; the table is copied
 # after every benchmark step too, so a killed run still returns what the tuner wrote); results.json is
 # rewritten after every benchmark step. The last thing printed is a short summary table.
 # --dry-run: print the plan (the tuner's included) and check that everything imports, on the CPU; runs no
@@ -54,24 +55,26 @@ KILL_S=10; T_REPORT=20; T_START=10
 if [ $QUICK = 1 ]; then
   T_TESTS=60; TEST_SEL=(tests/test_gpu.py -m gpu)
   B_TUNE=40; S_TUNE=10; TUNE_ARGS=(--models resnet50 --batches 1,32 --dtypes fp16)
-  B_KERN=25; S_KERN=15; B_MODEL=70; S_MODEL=20; T_COLD=0; T_ROOF=20
+  B_KERN=25; S_KERN=15; B_MODEL=70; S_MODEL=20; T_COLD=0; T_ROOF=20; T_HOST=35
   ROOF_ARGS=(--models resnet50 --batches 1,32)
   KERN_ARGS=(--models resnet50 --batches 32 --dtypes fp16 --providers fastres,eager,cudnn_fused --rep-ms 40)
   MODEL_ARGS=(--models resnet50 --batches 1,32 --dtypes fp16 --rep-ms 100)
 else
   T_TESTS=100; TEST_SEL=(tests -m "gpu or cuda_ok")
   # The tuner: ResNet-50's 24 launch shapes by FLOP share, b1/32/256, fp16 then bf16, every tactic.
-  B_TUNE=150; S_TUNE=15; TUNE_ARGS=(--models resnet50 --batches 1,32,256 --dtypes fp16,bf16)
+  B_TUNE=135; S_TUNE=15; TUNE_ARGS=(--models resnet50 --batches 1,32,256 --dtypes fp16,bf16)
   # Per-layer kernels shrank to fastres/eager/cuDNN first (the tuner's table has every tactic's and
   # cuDNN's time per layer); the cold start left the 10 minutes for the tuner (run it on its own).
-  B_KERN=30; S_KERN=15; B_MODEL=150; S_MODEL=25; T_COLD=0; T_ROOF=15
+  B_KERN=30; S_KERN=15; B_MODEL=135; S_MODEL=20; T_COLD=0; T_ROOF=15
+  # Host work and batch-1 latency, plain vs CUDA-graphed (issue 10): kernels cached by the steps before.
+  T_HOST=35
   ROOF_ARGS=(--models resnet18,resnet50,resnet101,resnet152 --batches 1,32,256)
   KERN_ARGS=(--models resnet50,resnet18,resnet101 --batches 32,256 --dtypes fp16,bf16,tf32 --rep-ms 50)
   # First ResNet-50 fp16 at batch 1/32/256 with every provider; wider groups only with budget left.
   MODEL_ARGS=(--models resnet50,resnet18,resnet101,resnet152 --batches 1,32,256 --dtypes fp16,bf16 --rep-ms 100)
 fi
 WORST=$((T_START + T_TESTS + KILL_S + B_TUNE + S_TUNE + KILL_S + B_MODEL + S_MODEL + KILL_S
-         + B_KERN + S_KERN + KILL_S + T_ROOF + KILL_S + T_REPORT + 4 * 2))
+         + B_KERN + S_KERN + KILL_S + T_HOST + KILL_S + T_ROOF + KILL_S + T_REPORT + 4 * 2))
 [ $T_COLD -gt 0 ] && WORST=$((WORST + T_COLD + KILL_S))
 # pytest-xdist (on the GPU machine): 8 workers compile in parallel; serial otherwise.
 if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); else XDIST=(); fi
@@ -139,6 +142,11 @@ step "whole models (budget ${B_MODEL}s)"
 run timeout -k "$KILL_S" -s TERM $((B_MODEL + S_MODEL)) "$PY" -m benchmarks.bench_models "${MODEL_ARGS[@]}" \
   --budget "$B_MODEL" --out "$WORK/models.json" || STATUS=1
 combine
+
+step "host work and batch-1 latency (timeout ${T_HOST}s)"
+# ResNet-50 fp16 batch 1, 224²: enqueue µs per forward, latency plain and graphed (goal: plain <= 1.3x).
+run timeout -k "$KILL_S" -s TERM "$T_HOST" "$PY" benchmarks/host_overhead.py --cuda --label gpu \
+  --out "$OUT" || STATUS=1
 
 step "per-layer kernels (budget ${B_KERN}s)"
 run timeout -k "$KILL_S" -s TERM $((B_KERN + S_KERN)) "$PY" -m benchmarks.bench_kernels "${KERN_ARGS[@]}" \

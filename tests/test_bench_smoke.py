@@ -180,7 +180,7 @@ def test_gpu_check_dry_run_plans_within_ten_minutes(tmp_path):
     worst = int(re.search(r"plan: worst case (\d+) s", out).group(1))
     assert 0 < worst <= 600
     launches = [ln for ln in out.splitlines() if ln.startswith("+ timeout")]
-    assert len(launches) == 5 and all(ln.startswith("+ timeout -k ") for ln in launches)
+    assert len(launches) == 6 and all(ln.startswith("+ timeout -k ") for ln in launches)
     assert "-m gpu or cuda_ok" in launches[0] and "--durations=15" in launches[0]
     # The tuner runs before the model benchmarks, which read its table through FASTRES_CONFIG_DIR; the dry
     # run imports it and prints its plan.
@@ -189,4 +189,6 @@ def test_gpu_check_dry_run_plans_within_ten_minutes(tmp_path):
     tuned = re.search(r"--out (\S+)", launches[1]).group(1)
     assert out.index(f"FASTRES_CONFIG_DIR={tuned}") < out.index(launches[2])
     assert "tuner plan: 24 layers" in out and "tuner dry run OK" in out
+    # Host work and batch-1 latency (issue 10) after the models, its JSON straight into OUTDIR (8 files).
+    assert "host_overhead.py --cuda" in launches[3] and f"--out {tmp_path}" in launches[3]
     assert (tmp_path / "gpu_check.log").exists() and len(list(tmp_path.iterdir())) <= 8
