@@ -22,6 +22,10 @@ report also says where wgmma reads its A operand (``wgmma_a``, from the TTGIR: "
 "registers" when each K step first copies the A tile into registers with ``ldmatrix``; ``ptx_ldmatrix``
 counts those copies).
 
+Each gather row also carries the cost model's prediction (``kernels.conv.predict_config``: a roofline
+on H100 SXM figures with labelled assumptions, not a measurement) for its config and for the default tile
+unsplit, which is how ``pick_config`` chose between them.
+
 Batches 1 and 2 are in the default set: below M = 128 the heuristic picks other tiles (and, before
 issue 9, 4 warps for a 128-row tile, which spilled). The batch size itself is not specialised
 (``do_not_specialize``), so batches that get the same config share one compile.
@@ -364,6 +368,24 @@ def chosen_tactic(shape, batch: int, dtype, shortcut, arch: int) -> str:
     return next(t for t in order if fits.get(t, False))
 
 
+def predicted(shape, batch: int, dtype, cfg, sms: int) -> dict:
+    """The cost model's prediction (``kernels.conv.predict_config``: H100 SXM figures per SM, labelled
+    assumptions; not a measurement) for ``cfg`` and for the default tile unsplit, in µs, with waves."""
+    from fastres.kernels import conv
+
+    g = shape.groups
+    args = (batch * shape.p * shape.q, shape.k // g, shape.c // g, shape.r, shape.s, dtype)
+    chosen = conv.predict_config(*args, cfg, groups=g, num_sms=sms)
+    default = conv.predict_config(*args, conv.default_tile(*args), groups=g, num_sms=sms)
+    return {
+        "us": round(chosen.seconds * 1e6, 2),
+        "default_us": round(default.seconds * 1e6, 2),
+        "default_waves": round(default.waves, 2),
+        "waves": round(chosen.waves, 2),
+        "sms_busy": chosen.sms_busy,
+    }
+
+
 def specialise(kernel, arch: int, args, consts, cfg):
     """(ASTSource, options, target, cache key) exactly as a launch on ``arch`` would build them."""
     from triton.backends.compiler import GPUTarget
@@ -596,6 +618,8 @@ def build_report(
                 waves = tiles / grid
                 if not (info["ptx_tma"] and info["sass_utmaldg"]):
                     info["flags"] = [*info["flags"], "NO_TMA"]
+            if tactic == "gather":
+                info["predicted"] = predicted(shape, batch, dtype, cfg, lim["sms"])
             rec = {
                 "layer": li.name if shortcut is not None else shape.name,
                 "class": layer_class(shape) + (" +shortcut" if shortcut is not None else ""),
@@ -663,8 +687,8 @@ def to_markdown(doc: dict) -> str:
         f"### Kernel report: {a['model']} at {a['image']}, batch {', '.join(map(str, batches))}, "
         f"{a['dtype']} (compiled on the CPU, triton {doc['env']['triton']})",
         "",
-        head + "occupancy | waves | flags | lookup picks |",
-        "|---" * (13 + 3 * multi) + "|",
+        head + "occupancy | waves | predicted µs (default tile unsplit) | flags | lookup picks |",
+        "|---" * (14 + 3 * multi) + "|",
     ]
     for r in doc["records"]:
         c = r["config"]
@@ -681,11 +705,18 @@ def to_markdown(doc: dict) -> str:
             f"{c_box}{c['block_m']}x{c['block_n']}x{c['block_k']} "
             f"{c['num_warps']}/{c['num_stages']} | {r['regs']} | {r['spill_store_bytes']} | "
             f"{r['shared_bytes'] / 1024:.0f} | {tc} | {r['occupancy']:.2f} "
-            f"({r['limited_by']}) | {r['waves']} | {' '.join(r['flags']) or '-'} | {r.get('chosen', '-')} |"
+            f"({r['limited_by']}) | {r['waves']} | {_predicted_cell(r.get('predicted'))} | "
+            f"{' '.join(r['flags']) or '-'} | {r.get('chosen', '-')} |"
         )
     flagged = sorted({(r["arch"], f) for r in doc["records"] for f in r["flags"]})
     lines += ["", "Flags: " + (", ".join(f"sm_{a}: {f}" for a, f in flagged) if flagged else "none")]
     return "\n".join(lines) + "\n"
+
+
+def _predicted_cell(p: dict | None) -> str:
+    if not p:
+        return "-"
+    return f"{p['us']} ({p['default_us']}, {p['default_waves']} waves)"
 
 
 def main(argv=None) -> int:

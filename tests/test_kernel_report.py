@@ -52,6 +52,16 @@ def test_every_requested_layer_compiled_for_sm90(report):
     assert out.with_suffix(".md").read_text().count("| sm_90 |") == len(LAYERS)
 
 
+def test_report_carries_the_cost_models_prediction(report):
+    """Each gather record has the cost model's prediction for its config and for the default tile unsplit
+    (labelled a prediction in the markdown column); the chosen config is never predicted slower."""
+    doc, out = report
+    for r in doc["records"]:
+        p = r["predicted"]
+        assert 0 < p["us"] <= p["default_us"] and 0 < p["sms_busy"] <= 132, r["layer"]
+    assert "predicted µs (default tile unsplit)" in out.with_suffix(".md").read_text()
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_main_loop_uses_wgmma_without_spills(report, layer):
     rec = next(r for r in report[0]["records"] if r["layer"] == layer)
