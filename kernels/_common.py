@@ -146,7 +146,7 @@ class BoundLaunch:
 
     __slots__ = (
         "owner", "kernel", "name", "grid", "grid3", "n_runtime", "names", "options", "device", "compiled",
-        "stream", "knobs",
+        "stream", "knobs", "cuda", "index",
     )
 
     def __init__(
@@ -161,6 +161,8 @@ class BoundLaunch:
         self.names = names
         self.options = options  # launch options (num_warps, num_stages): not kernel arguments
         self.device = device
+        self.cuda = device.type == "cuda"
+        self.index = device.index or 0
         self.compiled = None  # the CompiledKernel of the first launch, once bound
         self.stream = None
         self.knobs = None
@@ -175,12 +177,27 @@ class BoundLaunch:
 
     def __call__(self, args: list) -> None:
         compiled = self.compiled
-        if compiled is not None and self.knobs == _knob_state() and self._bindable():
-            device = self.device
-            if device.type == "cuda" and _current_cuda_device() != device.index:
-                with device_guard(device):
+        if (  # the bound path: _bindable() and the knobs, inlined (this runs once per kernel launch)
+            compiled is not None
+            and self.owner.launchable is launchable
+            and self.knobs == _knob_state()
+            and not _COMPILE_ONLY.get()
+            and getattr(self.owner, self.name, None) is self.kernel
+            and not self.kernel.pre_run_hooks
+        ):
+            if self.cuda and _current_cuda_device() != self.index:
+                with device_guard(self.device):
                     return self._run(compiled, args)
-            return self._run(compiled, args)
+            runtime = _knobs.runtime
+            enter = runtime.launch_enter_hook
+            stream = self.stream(self.index)
+            grid = self.grid3
+            metadata = compiled.launch_metadata(self.grid, stream, *args) if enter is not None else None
+            compiled.run(
+                grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
+                enter, runtime.launch_exit_hook, *args,
+            )
+            return None
         n = self.n_runtime
         consts = dict(zip(self.names, args[n:], strict=True))
         result = self.owner.launchable(self.kernel)[self.grid](*args[:n], **consts, **self.options)
@@ -198,7 +215,7 @@ class BoundLaunch:
 
     def _run(self, compiled, args) -> None:
         grid = self.grid3
-        stream = self.stream(self.device.index or 0)
+        stream = self.stream(self.index)
         enter = _knobs.runtime.launch_enter_hook
         metadata = compiled.launch_metadata(self.grid, stream, *args) if enter is not None else None
         compiled.run(
@@ -278,3 +295,12 @@ def tl_dtype_ok(op: str, dtype: torch.dtype) -> None:
         raise TypeError(
             f"{op}: dtype {dtype} is not supported; use one of {', '.join(str(d) for d in SUPPORTED_DTYPES)}"
         )
+
+
+def channels_last_strides(shape) -> tuple[int, ...]:
+    """The strides ``torch.empty(shape, memory_format=torch.channels_last)`` gives (from a meta tensor, so
+    size-1 dimensions come out exactly as torch makes them). A prepared launch allocates its output with
+    ``torch.empty_strided(shape, these)``: about half the host time of ``torch.empty(..., memory_format=)``
+    per call (1.5 vs 3.7 µs, CPU, this project's 2-core machine)."""
+    return torch.empty(shape, device="meta", memory_format=torch.channels_last).stride()
+

@@ -32,6 +32,7 @@ from ._act import _apply_act, _round_tf32, act_code
 from ._common import (
     INTERPRET,
     BoundLaunch,
+    channels_last_strides,
     check_tensor,
     launchable,  # noqa: F401  (looked up here per launch: count_launches patches it)
     next_pow2,
@@ -725,7 +726,7 @@ class ConvLaunch:
 
     __slots__ = (
         "out_shape", "dtype", "device", "template", "bound", "has_residual", "has_shortcut", "ws_shape",
-        "epilogue",
+        "epilogue", "out_stride", "ws_stride",
     )  # fmt: skip
 
     def __init__(
@@ -749,17 +750,20 @@ class ConvLaunch:
         self.has_shortcut = has_shortcut
         self.ws_shape = ws_shape  # split-K: the fp32 workspace (split_k x batch, C_out, P, Q), else None
         self.epilogue = epilogue  # split-K: the prepared epilogue pass (an EpilogueLaunch), else None
+        # channels_last strides of the output and workspace, for torch.empty_strided on each call
+        self.out_stride = channels_last_strides(out_shape)
+        self.ws_stride = None if ws_shape is None else channels_last_strides(ws_shape)
 
     def __call__(self, x, residual=None, shortcut_x=None, out=None) -> torch.Tensor:
         if out is None:
-            out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device, memory_format=_CL)
+            out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.dtype, device=self.device)
         if self.bound is None:
             return out
         args = self.template.copy()
         args[0] = x
         args[_X2] = shortcut_x if self.has_shortcut else x
         if self.epilogue is not None:
-            ws = torch.empty(self.ws_shape, dtype=torch.float32, device=self.device, memory_format=_CL)
+            ws = torch.empty_strided(self.ws_shape, self.ws_stride, dtype=torch.float32, device=self.device)
             args[4] = ws
             self.bound(args)
             return self.epilogue(ws, out, residual)

@@ -15,6 +15,7 @@ import triton.language as tl
 from ._common import (  # launchable is looked up here per launch: count_launches patches it
     INTERPRET,
     BoundLaunch,
+    channels_last_strides,
     check_tensor,
     launchable,  # noqa: F401
     next_pow2,
@@ -140,7 +141,7 @@ class PoolLaunch:
     alignment: the caller guarantees them, as for ``conv.ConvLaunch``); a call takes the input and
     returns the output."""
 
-    __slots__ = ("out_shape", "dtype", "device", "template", "bound", "fill")
+    __slots__ = ("out_shape", "dtype", "device", "template", "bound", "fill", "out_stride")
 
     def __init__(self, out_shape, dtype, device, template, bound, fill=None) -> None:
         self.out_shape = out_shape
@@ -149,10 +150,11 @@ class PoolLaunch:
         self.template = template
         self.bound = bound  # a BoundLaunch, or None when there is nothing to launch
         self.fill = fill  # the value of every output element when nothing is launched (None: untouched)
+        self.out_stride = channels_last_strides(out_shape)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
-            out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device, memory_format=_CL)
+            out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.dtype, device=self.device)
         if self.bound is None:
             return out if self.fill is None else out.fill_(self.fill)
         args = self.template.copy()
