@@ -28,6 +28,7 @@ _EXPORTS = {
     "FusedBottleneck": "fastres.modules",
     "FusedConvBNAct2d": "fastres.modules",
     "FusedHead": "fastres.modules",
+    "FusedStage": "fastres.modules",
     "FusedStem": "fastres.modules",
     "refold": "fastres.modules",
     "CUDAGraphModule": "fastres.graphs",

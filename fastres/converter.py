@@ -33,6 +33,7 @@ from fastres.modules import (
     FusedBottleneck,
     FusedConvBNAct2d,
     FusedHead,
+    FusedStage,
     FusedStem,
     _FusedBlock,
     _PassThroughWhenFused,
@@ -132,6 +133,9 @@ def _why_not_act(m: nn.Module) -> str:
     return ""
 
 
+_STAGE = "blocks in sequence: identity shortcuts added in place between them (CPU path)"
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -204,6 +208,13 @@ class _Walker:
                 )
                 continue
             self.visit(child, _join(path, name))
+        if isinstance(module, FusedStage):
+            self.report.add(path, module, "FusedStage", "already fused", 0, original=_original(module))
+        elif self.apply and path and _is_plain_sequential(module) and len(module) > 1 and all(
+            isinstance(child, _FusedBlock) for child in module.children()
+        ):
+            self.report.add(path, module, "FusedStage", _STAGE, 0)
+            self.replace(path, FusedStage.from_module(module))
 
     def block(self, block: nn.Module, path: str) -> bool:
         cls = FusedBottleneck if type(block) is Bottleneck else FusedBasicBlock

@@ -239,13 +239,16 @@ class CpuConvLaunch:
     ``ConvLaunch`` (``launch(x, residual=None, shortcut_x=None)``), it returns exactly what
     ``conv_bias_act`` / ``conv_shortcut_bias_act`` return for the same tensors."""
 
-    __slots__ = ("run", "body", "out_shape", "dtype")
+    __slots__ = ("run", "body", "out_shape", "dtype", "into_residual")
 
-    def __init__(self, run, body, out_shape, dtype) -> None:
+    def __init__(self, run, body, out_shape, dtype, into_residual=None) -> None:
         self.run = run  # the prepared call(s)
         self.body = body  # the op body on the same tensors: what runs if oneDNN fails (as the ops do)
         self.out_shape = out_shape
         self.dtype = dtype
+        # into_residual(x, residual): the same result written over ``residual`` (oneDNN's in-place sum),
+        # for a caller that owns the residual (fastres.modules.FusedStage); None where it cannot be.
+        self.into_residual = into_residual
 
     def __call__(self, x, residual=None, shortcut_x=None, out=None):
         try:
@@ -283,11 +286,13 @@ def prepare_conv(
         def body(x, residual, shortcut_x):
             return conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, *actt)
 
-    run = body
+    run = into = body
     if use_mkldnn(x, weight):
         try:
             if shortcut_weight is None:
                 run = _prepare_mkldnn(x, weight, bias, residual, stride, padding, dilation, groups, actt)
+                conv_args = (stride, padding, dilation, groups, actt)
+                into = _prepare_into_residual(x, weight, bias, residual, *conv_args)
             elif use_mkldnn(shortcut_x, shortcut_weight):
                 run = _prepare_mkldnn_shortcut(
                     x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
@@ -295,7 +300,32 @@ def prepare_conv(
                 )
         except (RuntimeError, NotImplementedError) as err:
             _fall_back(err)
-    return CpuConvLaunch(run or body, body, out_shape, x.dtype), proto
+    into = into if into is not body else None
+    return CpuConvLaunch(run or body, body, out_shape, x.dtype, into), proto
+
+
+def _prepare_into_residual(x, weight, bias, residual, stride, padding, dilation, groups, actt):
+    """act(conv(x) + bias + residual) written over ``residual`` by oneDNN's in-place sum (what Inductor's
+    CPU freezing emits for a residual add whose input buffer it owns): no new output, whose fresh pages
+    the OS would fault in and zero on every forward at large batch. Only for an fp32 channels_last
+    residual of the output's shape; None otherwise."""
+    if (
+        residual is None
+        or residual.dtype != torch.float32
+        or residual.shape != _out_shape(x, weight, stride, padding, dilation)
+        or not residual.is_contiguous(memory_format=_CL)
+    ):
+        return None
+    w = packed_weight(weight, stride, padding, dilation, groups, x.shape)
+    unary = "relu" if actt[0] == "relu" else None
+    accumulate = _MKL._convolution_pointwise_.binary
+
+    def into_residual(x, residual):
+        x = x.contiguous(memory_format=_CL)
+        y = accumulate(residual, x, w, bias, padding, stride, dilation, groups, "add", 1.0, unary, [], "")
+        return y if unary is not None else activations.apply(y, *actt)
+
+    return into_residual
 
 
 def _prepare_mkldnn(x, weight, bias, residual, stride, padding, dilation, groups, actt):

@@ -205,11 +205,13 @@ class _Plan:
     __slots__ = (
         "run", "shape", "stride", "dtype", "device", "device_type", "aligned", "precision", "modules",
         "trees", "children", "dicts", "names", "tensors", "stamps", "bns", "eps", "output_size", "acts",
-        "act_keys",
+        "act_keys", "run_owned",
     )
 
-    def __init__(self, run, x: torch.Tensor, modules, trees, pairs, sources, acts=()) -> None:
+    def __init__(self, run, x: torch.Tensor, modules, trees, pairs, sources, acts=(), run_owned=None) -> None:
         self.run = run
+        # run_owned(x): run(x) for an input the caller owns, which the launches may overwrite (FusedStage)
+        self.run_owned = run_owned
         self.shape, self.stride, self.dtype, self.device = x.shape, x.stride(), x.dtype, x.device
         self.device_type = x.device.type
         self.aligned = x.data_ptr() % 16 == 0
@@ -860,7 +862,7 @@ class _FusedBlock(_FoldedMixin, nn.Module):
                 return None
             sources += found
         act = self.act()
-        launches, y, prepare = [], x, _launches(x).prepare_conv
+        launches, y, prepare, run_owned = [], x, _launches(x).prepare_conv, None
         for conv_name, bn_name in self._convs[:-1]:
             conv, _, folded = self._folded(x, conv_name, bn_name)
             launch, y = prepare(y, folded.weight, folded.bias, **_conv_kwargs(conv, act))
@@ -886,8 +888,11 @@ class _FusedBlock(_FoldedMixin, nn.Module):
             kwargs = _conv_kwargs(last, act)
             tail, _ = prepare(y, folded.weight, folded.bias, residual=residual, **kwargs)
             run = _chain(launches, tail, projection=shortcut)
+            into = getattr(tail, "into_residual", None)
+            if shortcut is None and into is not None:
+                run_owned = _chain(launches, into)  # the identity shortcut added over the block input
         trees = (self,) if self.downsample is None else (self, self.downsample)
-        return _Plan(run, x, tuple(self.modules()), trees, pairs, sources, (self.relu,))
+        return _Plan(run, x, tuple(self.modules()), trees, pairs, sources, (self.relu,), run_owned)
 
     def extra_repr(self) -> str:
         shortcut = ""
@@ -915,6 +920,62 @@ class FusedBottleneck(_FusedBlock):
 
     _convs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
     _script_forward = _script_forward_of(Bottleneck)
+
+
+class FusedStage(nn.Sequential):
+    """A ``Sequential`` of fused residual blocks (ResNet's ``layer1`` … ``layer4``): the same children and
+    ``state_dict`` keys, and ``nn.Sequential``'s result. What it adds: the tensors that pass between its
+    blocks are made and consumed by this forward alone, so on the CPU path (eval, no gradients) each
+    block after the first may write its output over its input, the identity shortcut added in place by
+    oneDNN (``cpu._prepare_into_residual``), as Inductor's CPU freezing does for the buffers it plans:
+    no fresh output, whose new pages the OS faults in and zeroes on each forward (ResNet-50, batch 32,
+    224²: 1845 -> 1685 ms, benchmarks/NOTES.md). The stage's input is never written. Any forward hook on
+    a block (it could keep a block's output), a global forward hook, tracing, autocast or gradients:
+    ``nn.Sequential.forward`` exactly."""
+
+    _script_forward = _script_forward_of(nn.Sequential)
+
+    @classmethod
+    def from_module(cls, seq: nn.Sequential) -> FusedStage:
+        new = _retype(seq, cls)
+        new.__dict__["_source_cls"] = type(seq)
+        return new
+
+    def forward(self, x):
+        if torch.jit.is_scripting():
+            return self._script_forward(x)
+        blocks = list(self._modules.values())
+        if (
+            type(x) is not torch.Tensor
+            or x.device.type != "cpu"
+            or torch.is_grad_enabled()
+            or _tracing()
+            or torch.onnx.is_in_onnx_export()
+            or _forward_hooks(blocks)
+        ):
+            for block in blocks:
+                x = block(x)
+            return x
+        y = blocks[0](x)  # x is the caller's: never written
+        for block in blocks[1:]:
+            plan = block.__dict__.get("_plan")
+            if plan is not None and plan.run_owned is not None and plan.ready(y):
+                y = plan.run_owned(y)  # y is this forward's own: the block's output goes over it
+            else:
+                y = block(y)
+        return y
+
+    def extra_repr(self) -> str:
+        return "identity shortcuts added in place between its blocks (CPU path, eval)"
+
+
+def _forward_hooks(blocks) -> bool:
+    """Whether a forward hook (a block's, or a global one) could see a tensor passed between blocks."""
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(b._forward_hooks or b._forward_pre_hooks for b in blocks)
 
 
 def block_fuse_reason(block: nn.Module) -> str | None:
@@ -953,7 +1014,7 @@ def refold(model: nn.Module) -> nn.Module:
 
 
 # Every module type convert creates: what it must neither trace into nor convert again.
-FUSED_TYPES = (FusedConvBNAct2d, _FusedBlock, FusedHead, _PassThroughWhenFused)
+FUSED_TYPES = (FusedConvBNAct2d, _FusedBlock, FusedHead, _PassThroughWhenFused, FusedStage)
 __all__ = [
     "refold",
     "FusedConvBNAct2d",
@@ -961,6 +1022,7 @@ __all__ = [
     "FusedHead",
     "FusedBasicBlock",
     "FusedBottleneck",
+    "FusedStage",
     "FoldedBatchNorm2d",
     "FoldedAct",
     "FoldedReLU",

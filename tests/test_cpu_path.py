@@ -265,6 +265,69 @@ PLAN_SCRIPT = textwrap.dedent('''
 ''')
 
 
+# FusedStage (ResNet's layer1..4): between its blocks the identity shortcut is added in place over the
+# previous block's output (oneDNN's in-place sum), never over the stage's input, and never where a hook
+# could hold a block's output.
+STAGE_SCRIPT = textwrap.dedent('''
+    import torch, torchvision
+    from torch.profiler import profile
+    import fastres
+    from fastres.modules import FusedStage
+    from fastres.kernels._common import INTERPRET
+    from fastres.testing import randomize_bn, rel_err
+    assert not INTERPRET
+    torch.manual_seed(0)
+
+    def inplace_calls(f, x):
+        with torch.inference_mode(), profile() as p:
+            f(x)
+        return {e.key: e.count for e in p.key_averages()}.get("mkldnn::_convolution_pointwise_", 0)
+
+    m = randomize_bn(torchvision.models.resnet50(num_classes=10)).eval()
+    f = fastres.convert(m)
+    assert all(type(getattr(f, n)) is FusedStage for n in ("layer1", "layer2", "layer3", "layer4"))
+    assert list(f.state_dict()) == list(m.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = m.double()(x.double())
+    m.float()
+    for _ in range(2):
+        keep = x.clone()
+        with torch.inference_mode():
+            out = f(x)
+        assert torch.equal(x, keep), "the stage's input was written"
+        assert rel_err(out, ref) < 1e-4, rel_err(out, ref)
+    # 4 projection tails and 12 identity tails accumulate in place (16 blocks); the stage input stays.
+    assert inplace_calls(f, x) == 16, inplace_calls(f, x)
+    # A layer's input held by the caller (its own tensor) is never written, even as a block input.
+    with torch.inference_mode():
+        a = f.maxpool(f.relu(f.bn1(f.conv1(x))))
+        a_keep = a.clone()
+        b = f.layer1(a)
+        assert torch.equal(a, a_keep)
+        b_keep = b.clone()
+        f.layer2(b)
+        assert torch.equal(b, b_keep)
+    # A hook that keeps block outputs: the kept tensors are still the blocks' outputs afterwards.
+    kept = []
+    handle = f.layer1[1].register_forward_hook(lambda mod, inp, output: kept.append(output))
+    # layer1's two identity tails no longer accumulate in place; the other stages still do
+    assert inplace_calls(f, x) == 14, inplace_calls(f, x)
+    kept.clear()
+    with torch.inference_mode():
+        f(x)
+        h = f.maxpool(f.relu(f.bn1(f.conv1(x))))
+        expect = f.layer1[1](f.layer1[0](h))
+    assert torch.equal(kept[0], expect), "a hooked block output was overwritten"
+    handle.remove()
+    # Gradients, autocast, tracing: plain Sequential (no in-place), still correct.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rel_err(f(x).float(), ref) < 3e-2
+    assert rel_err(torch.jit.trace(f, x, check_trace=False)(x).detach(), ref) < 1e-4
+    print("OK")
+''')
+
+
 def _run(script: str):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
@@ -285,3 +348,7 @@ def test_cpu_path_runs_prepacked_onednn_convs_and_its_packs_are_never_stale():
 
 def test_cpu_plans_call_the_cpu_path_directly_and_give_the_ops_bits():
     _run(PLAN_SCRIPT)
+
+
+def test_fused_stage_adds_identity_shortcuts_in_place_only_over_its_own_tensors():
+    _run(STAGE_SCRIPT)
