@@ -164,11 +164,16 @@ def shape_key(
     )
 
 
+# Split-K slice counts the tuner times (besides the heuristic's own choice).
+TUNED_SPLITS = (2, 4)
+
+
 def candidates(
     m: int, c_out_g: int, c_in_g: int, r: int, s: int, dtype: torch.dtype
 ) -> list[_conv.ConvConfig]:
     """The configs FASTRES_AUTOTUNE times for one shape: the heuristic first, then ``CANDIDATE_TILES``
-    clamped to the problem (no block larger than the padded M, C_out or K extent), without repeats."""
+    clamped to the problem (no block larger than the padded M, C_out or K extent), then the default tile
+    split into ``TUNED_SPLITS`` K slices where its K loop allows, without repeats."""
     flat = c_in_g < _conv.FLAT_K_MAX_CIN
     k_extent = r * s * c_in_g if flat else c_in_g
     caps = (m_bucket(m), max(_conv.MIN_BLOCK, next_pow2(c_out_g)), max(_conv.MIN_BLOCK, next_pow2(k_extent)))
@@ -184,6 +189,11 @@ def candidates(
             num_stages=stages,
         )
         if cfg not in out:
+            out.append(cfg)
+    # Split-K of the default tile (2 and 4 slices, where the K loop is long enough): what pick_config's
+    # cost model weighs for layers that do not fill a wave, timed here so a GPU decides, not the model.
+    for cfg in _conv.config_candidates(m, c_out_g, c_in_g, r, s, dtype):
+        if cfg.split_k in TUNED_SPLITS and cfg not in out:
             out.append(cfg)
     return out
 

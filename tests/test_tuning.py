@@ -577,3 +577,18 @@ def test_tune_model_writes_a_table_that_the_lookup_uses(tmp_path, monkeypatch):
     w = torch.empty(64, 3, 7, 7, device="cuda", dtype=FP16)
     cfg = tuning.select_config(x, w, stride=(2, 2), padding=(3, 3), dilation=(1, 1), groups=1, m=2 * 16 * 16)
     assert cfg == table[stem_key]
+
+
+def test_candidates_include_split_k_where_the_k_loop_allows():
+    """The tuner times split-K of the default tile (TUNED_SPLITS) so a GPU, not the cost model, decides
+    layers such as ResNet-50's layer3/layer4 at batch 32; never where a slice would get < 4 K iterations."""
+
+
+    long_k = tuning.candidates(32 * 49, 512, 512, 3, 3, torch.float16)  # layer4 3×3: 72 K iterations
+    assert {c.split_k for c in long_k} >= {1, *tuning.TUNED_SPLITS}
+    assert len(long_k) == len(set(long_k))
+    short_k = tuning.candidates(32 * 3136, 64, 64, 1, 1, torch.float16)  # 1×1, C_in 64: one K iteration
+    assert {c.split_k for c in short_k} == {1}
+    for cfg in long_k:
+        if cfg.split_k > 1:
+            assert kconv._k_iters(512, 3, 3, cfg.block_k) >= cfg.split_k * kconv.MIN_K_ITERS_PER_SPLIT
