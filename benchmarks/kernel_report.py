@@ -14,7 +14,9 @@ tensor-core use and over-sized shared memory.
     python -m benchmarks.kernel_report --tactics tma_gemm --archs 90 --batch 32 --dtype bf16
 
 ``--tactics`` (default ``gather``) adds rows for other tactics (``kernels/tactics.py``) on the layers
-they apply to: ``tma_gemm`` compiles the persistent descriptor GEMM for the 1×1 stride-1 layers, with
+they apply to: ``tma_gemm`` compiles the persistent descriptor GEMM for the 1×1 stride-1 layers (and the
+strided-view kernel for the standalone 1×1 stride-2 ones; ``tma_gemm_ws`` the same with the K loop
+warp-specialised, a config that fails to compile recorded as COMPILE_FAILED, not raised), with
 its grid of min(#SMs, tiles) programs, and the report counts its bulk tensor copies (PTX
 ``cp.async.bulk.tensor``, SASS ``UTMALDG``/``UTMASTG``; flag ``NO_TMA`` when absent). ``tma_conv``
 compiles the 4-D-box implicit GEMM for the 3×3 stride-1 layers the same way. For every kernel the
@@ -203,7 +205,8 @@ def launch_args(shape, batch: int, dtype, shortcut=None, sms: int = ARCH_LIMITS[
     return args, consts, cfg, grid
 
 
-TACTICS = ("gather", "tma_gemm", "tma_conv")
+# tma_gemm_ws: tma_gemm with a warp-specialised K loop (a tuner axis; the report says if it compiles).
+TACTICS = ("gather", "tma_gemm", "tma_gemm_ws", "tma_conv")
 
 
 def tma_gemm_reason(shape, dtype, shortcut=None) -> str | None:
@@ -212,27 +215,35 @@ def tma_gemm_reason(shape, dtype, shortcut=None) -> str | None:
 
     if shortcut is not None:
         return "projection shortcut"
-    if (shape.r, shape.s, shape.stride, shape.padding, shape.groups) != (1, 1, 1, 0, 1):
-        return "not 1x1/s1"
+    if (shape.r, shape.s, shape.padding, shape.groups) != (1, 1, 0, 1) or shape.stride not in (1, 2):
+        return "not 1x1/s1 or 1x1/s2"
     item = dtype.itemsize
     if (shape.c * item) % tma_gemm.TMA_ALIGN or (shape.k * item) % tma_gemm.TMA_ALIGN:
         return "channels not 16-byte aligned"
     return None
 
 
-def tma_launch_args(shape, batch: int, dtype, sms: int = ARCH_LIMITS[90]["sms"]):
+def tma_launch_args(shape, batch: int, dtype, sms: int = ARCH_LIMITS[90]["sms"], warp_specialize=False):
     """Positional args, constexpr kwargs, config, persistent grid and tile count, as
-    ``conv1x1_bias_act`` would pass them: channels_last x, residual and output (descriptor paths)."""
+    ``conv1x1_bias_act`` would pass them: channels_last x, residual and output (descriptor paths); the
+    strided kernel for a stride-2 layer. ``warp_specialize``: the config with a warp-specialised K loop."""
+    import dataclasses
+
     import torch
     from triton.runtime.jit import MockTensor
 
     from fastres.kernels import tma_gemm
 
     n, c, h, w, k = batch, shape.c, shape.h, shape.w, shape.k
-    m = n * h * w
-    cfg = tma_gemm.pick_config(m, k, c, dtype, interpret=False)
+    p, q = shape.p, shape.q
+    m = n * p * q
+    strided = shape.stride != 1
+    out_hw = (p, q) if strided else None
+    cfg = tma_gemm.pick_config(m, k, c, dtype, interpret=False, out_hw=out_hw)
+    if warp_specialize:
+        cfg = dataclasses.replace(cfg, warp_specialize=1)
     t = MockTensor(dtype)
-    o_strides = (h * w * k, 1, w * k, k)
+    o_strides = (p * q * k, 1, q * k, k)
     values = dict(
         x_ptr=t,
         w_ptr=t,
@@ -240,8 +251,11 @@ def tma_launch_args(shape, batch: int, dtype, sms: int = ARCH_LIMITS[90]["sms"])
         res_ptr=t,
         out_ptr=t,
         M=m,
+        BATCH=n,
         H=h,
         W=w,
+        P=p,
+        Q=q,
         C_IN=c,
         C_OUT=k,
         act_a=0.0,
@@ -256,20 +270,32 @@ def tma_launch_args(shape, batch: int, dtype, sms: int = ARCH_LIMITS[90]["sms"])
         ACT=1 if shape.relu else 0,  # kernels/_act.ACT_CODES: relu / identity
         DOT_PRECISION="tf32",
         ROUND_TF32=dtype == torch.float32,  # fp32 on CUDA: the launcher's TF32_ROUND_DEVICE_TYPES
-        BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=tma_gemm.GROUP_M,
+        WARP_SPECIALIZE=tma_gemm.use_warp_specialize(cfg),
     )
-    kernel = tma_gemm._conv1x1_bias_act_fwd_kernel
+    if strided:
+        block_h, block_w = tma_gemm.pixel_box(cfg.block_m, q)
+        consts.update(STRIDE_H=shape.stride, STRIDE_W=shape.stride, BLOCK_H=block_h, BLOCK_W=block_w)
+        kernel = tma_gemm._conv1x1_strided_bias_act_fwd_kernel
+    else:
+        consts.update(BLOCK_M=cfg.block_m)
+        kernel = tma_gemm._conv1x1_bias_act_fwd_kernel
     names = [a for a in kernel.arg_names if a not in consts]
     unknown = [a for a in names if a not in values]
     if unknown:
         raise RuntimeError(f"kernel_report: tma_gemm has new arguments {unknown}; teach tma_launch_args")
     import triton
 
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(k, cfg.block_n)
-    return [values[a] for a in names], consts, cfg, tma_gemm.num_programs(cfg, m, k, sms), tiles
+    tiles = tma_gemm.m_tiles(cfg, m, batch=n, out_hw=out_hw) * triton.cdiv(k, cfg.block_n)
+    grid = tma_gemm.num_programs(cfg, m, k, sms, tiles_m=tiles // triton.cdiv(k, cfg.block_n))
+    return [values[a] for a in names], consts, cfg, grid, tiles, kernel
+
+
+def tma_gemm_ws_launch_args(shape, batch: int, dtype, sms: int = ARCH_LIMITS[90]["sms"]):
+    """``tma_launch_args`` with the K loop warp-specialised (``TmaGemmConfig.warp_specialize``)."""
+    return tma_launch_args(shape, batch, dtype, sms, warp_specialize=True)
 
 
 def tma_conv_reason(shape, dtype, shortcut=None) -> str | None:
@@ -536,6 +562,16 @@ def analyse(ck, arch: int, num_warps: int) -> dict:
     return info
 
 
+def _compile_failed(e: Exception) -> dict:
+    """The record of a config that does not compile (``tma_gemm_ws``): flag COMPILE_FAILED and the error."""
+    return {
+        "regs": None, "spill_store_bytes": None, "spill_load_bytes": None, "shared_bytes": 0,
+        "tensor_core": "none", "occupancy": 0.0, "limited_by": "-", "ptx_tma": 0, "sass_utmaldg": 0,
+        "sass_utmastg": 0, "wgmma_a": "-", "ptx_wgmma": 0, "ptx_mma_sync": 0,
+        "flags": ["COMPILE_FAILED"], "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+    }  # fmt: skip
+
+
 DEFAULT_BATCHES = (1, 2, 32)
 
 
@@ -591,24 +627,27 @@ def build_report(
                 # The copy engine and the descriptors are sm_90's; other layers are gather's alone.
                 reason, launch = {
                     "tma_gemm": (tma_gemm_reason, tma_launch_args),
+                    "tma_gemm_ws": (tma_gemm_reason, tma_gemm_ws_launch_args),
                     "tma_conv": (tma_conv_reason, tma_conv_launch_args),
                 }[tactic]
                 if arch < 90 or reason(shape, dtype, shortcut) is not None:
                     continue
-                args, consts, cfg, grid, tiles = launch(shape, batch, dtype, ARCH_LIMITS[arch]["sms"])
-                from fastres.kernels import tma_conv, tma_gemm
+                args, consts, cfg, grid, tiles, *which = launch(shape, batch, dtype, ARCH_LIMITS[arch]["sms"])
+                from fastres.kernels import tma_conv
 
-                compiled = (
-                    tma_gemm._conv1x1_bias_act_fwd_kernel
-                    if tactic == "tma_gemm"
-                    else tma_conv._conv3x3_bias_act_fwd_kernel
-                )
+                # tma_gemm's launch args name their kernel (the flat or the strided one).
+                compiled = which[0] if which else tma_conv._conv3x3_bias_act_fwd_kernel
             src, options, target, key = specialise(compiled, arch, args, consts, cfg)
             t0 = time.monotonic()
             hit = key in cache
             if not hit:
-                ck = triton.compile(src, target=target, options=options.__dict__)
-                cache[key] = analyse(ck, arch, cfg.num_warps)
+                try:
+                    ck = triton.compile(src, target=target, options=options.__dict__)
+                    cache[key] = analyse(ck, arch, cfg.num_warps)
+                except Exception as e:  # noqa: BLE001 - a tuner axis may not compile: report it, go on
+                    if tactic != "tma_gemm_ws":
+                        raise
+                    cache[key] = _compile_failed(e)
             info = dict(cache[key])
             lim = ARCH_LIMITS[arch]
             if tactic == "gather":
@@ -616,7 +655,7 @@ def build_report(
             else:
                 # Persistent: one program per SM walks tiles / programs tiles (the fraction is the tail).
                 waves = tiles / grid
-                if not (info["ptx_tma"] and info["sass_utmaldg"]):
+                if not (info["ptx_tma"] and info["sass_utmaldg"]) and "COMPILE_FAILED" not in info["flags"]:
                     info["flags"] = [*info["flags"], "NO_TMA"]
             if tactic == "gather":
                 info["predicted"] = predicted(shape, batch, dtype, cfg, lim["sms"])
@@ -640,6 +679,7 @@ def build_report(
                     "num_stages": cfg.num_stages,
                     "split_k": getattr(cfg, "split_k", 1),
                     "flat_k": consts.get("FLAT_K", False),
+                    "warp_specialize": bool(consts.get("WARP_SPECIALIZE", False)),
                     # tma_conv's output pixel box (block_m = block_h x block_w)
                     **({"block_h": cfg.block_h, "block_w": cfg.block_w} if hasattr(cfg, "block_h") else {}),
                 },
@@ -737,7 +777,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--tactics",
         default="gather",
-        help="comma list of tactics to compile (gather, tma_gemm, tma_conv), each on the layers it fits",
+        help="comma list of tactics to compile (gather, tma_gemm, tma_gemm_ws, tma_conv), each on the layers "
+        "it fits",
     )
     ap.add_argument("--only", default=None, help="comma list of layer names (as shapes.py prints them)")
     ap.add_argument("--out", default=None, help="folder or .json path (default benchmarks/results/)")

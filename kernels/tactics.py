@@ -4,9 +4,10 @@ Tactics (DESIGN.md, "Conv tactics"), in the order they are registered:
 
 - ``gather`` (``kernels/conv.py``): every conv; always applicable. The only tactic that can be relied
   on for any shape, so it is always the fallback, whatever ``FASTRES_TACTICS`` says.
-- ``tma_gemm`` (``kernels/tma_gemm.py``): 1×1, stride 1, padding 0, groups 1, no projection shortcut,
-  x channels_last-contiguous with 16-byte rows and base, the weight packed with C_out stride 1, a
-  Triton with device-side tensor descriptors, compute capability ≥ 9.0 on CUDA (or the interpreter).
+- ``tma_gemm`` (``kernels/tma_gemm.py``): 1×1, stride 1 or (2, 2) (a strided 4-D view of x), padding 0,
+  groups 1, no projection shortcut, x channels_last-contiguous with 16-byte rows and base, the weight
+  packed with C_out stride 1, a Triton with device-side tensor descriptors, compute capability ≥ 9.0 on
+  CUDA (or the interpreter).
 - ``tma_conv`` (``kernels/tma_conv.py``): 3×3, stride 1, groups 1 (any padding, dilated too), no
   projection shortcut, x channels_last-contiguous with 16-byte rows and base, the weight packed
   (R, S, C_in, C_out) with 16-byte C_out rows, device-side descriptors, compute capability ≥ 9.0 on CUDA
@@ -246,6 +247,7 @@ def conv_bias_act(
             weight,
             bias,
             residual=residual,
+            stride=stride,
             act=act,
             act_a=act_a,
             act_b=act_b,

@@ -18,11 +18,38 @@ optional tf32 rounding of fp32 outputs, cast, one store (a descriptor store clip
 a masked pointer store for outputs that are not channels_last-contiguous). Every output element is
 written exactly once.
 
-Applicability (``applicable``): 1×1 kernel, stride 1, padding 0, groups 1; x channels_last-contiguous
-with C_in·itemsize a multiple of 16 bytes and a 16-byte aligned base (the copy engine's rule for row
-strides and addresses); the weight in the packed layout with C_out·itemsize a multiple of 16 bytes; a
-Triton with device-side descriptors and ``triton.set_allocator``; on CUDA, compute capability ≥ 9.0.
-Anything else is reported as not applicable with the reason, never launched.
+Stride 2 (``_conv1x1_strided_bias_act_fwd_kernel``): output pixel (n, p, q) reads x[n, 2p, 2q, :], so
+A is x seen through the strided 4-D view
+
+    [N, P, Q, C_in] with element strides [H·W·C_in, 2·W·C_in, 2·C_in, 1]
+
+with P = (H − 1)//2 + 1 and Q = (W − 1)//2 + 1 (padding 0: P = ceil(H/2)). The copy engine's rules
+hold for exactly the x the stride-1 rule admits:
+the base is x's (16-byte aligned), the innermost stride is 1, and every other stride is a multiple of
+C_in·itemsize, itself a multiple of 16 bytes (2·C_in·itemsize and H·W·C_in·itemsize then are too). Odd H
+or W need nothing more: the last view row 2(P − 1) ≤ H − 1 and column 2(Q − 1) ≤ W − 1 are real pixels of
+the same image, and the view's extent [N, P, Q] makes the copy engine zero-fill (and the store clip)
+everything past it, never reading the next image. N and P cannot merge into one 3-D row dimension in
+general (image n's first even row is n·H, linear in n·P + p only for even H), and the output rows of a
+flat M tile are not one box of the view, so an M tile is one image's BLOCK_H × BLOCK_W box of output
+pixels (``tma_conv``'s tiling, box [1, BLOCK_H, BLOCK_W, BLOCK_K] reshaped to [BLOCK_M, BLOCK_K]; a
+box spanning more than one row feeds wgmma from registers, ``kernels/tma_conv.py``'s ROW_BOX note), with
+BLOCK_W = min(next_pow2(Q), BLOCK_M) chosen at launch (``pixel_box``), so the config stays shape-free.
+The epilogue takes the same box of the residual and the output through 4-D descriptors over [N, P, Q,
+C_out] (or strided pointers). Only stride (2, 2) is admitted: the view is valid for any stride, but
+other strides have no layer in the models here and no test.
+
+Applicability (``applicable``): 1×1 kernel, stride 1 or (2, 2), padding 0, groups 1; x
+channels_last-contiguous with C_in·itemsize a multiple of 16 bytes and a 16-byte aligned base (the copy
+engine's rule for strides and addresses); the weight in the packed layout with C_out·itemsize a multiple
+of 16 bytes; a Triton with device-side descriptors and ``triton.set_allocator``; on CUDA, compute
+capability ≥ 9.0. Anything else is reported as not applicable with the reason, never launched.
+
+Warp specialisation (``TmaGemmConfig.warp_specialize``, off by default; a tuner axis,
+``kernels/tuning.tma_gemm_candidates``): the K loop becomes ``tl.range(..., warp_specialize=True)``, so
+Triton splits it into a TMA producer warp and MMA consumer warps. A Triton whose ``tl.range`` lacks the
+argument gets it forced off (``WARP_SPECIALIZE_AVAILABLE``); a config whose compile fails on a GPU is
+dropped by the tuner like any other.
 
 Device-side descriptors (built in the kernel, not ``triton.tools.tensor_descriptor.TensorDescriptor``
 on the host) keep the kernel's signature to pointers and integers: no descriptor object is built per
@@ -33,6 +60,7 @@ for the descriptors (128 bytes per program), which Triton asks of the allocator 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -76,6 +104,12 @@ TMA_UNSPECIALISED = ("M", "H", "W")
 TMA_ALIGN = 16
 # Hopper (sm_90) is the first architecture with the tensor memory accelerator.
 MIN_CAPABILITY = (9, 0)
+# Strides with a kernel path: 1 (flat row tiles) and (2, 2) (the strided 4-D view, pixel-box tiles).
+STRIDED = (2, 2)
+# The strided kernel's sizes that only enter descriptor shapes and index arithmetic (as TMA_UNSPECIALISED).
+TMA_STRIDED_UNSPECIALISED = ("BATCH", "H", "W", "P", "Q")
+# tl.range(..., warp_specialize=) exists in this Triton (3.6 and 3.8 have it); else the field is forced off.
+WARP_SPECIALIZE_AVAILABLE = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
 
 
 @dataclass(frozen=True)
@@ -87,6 +121,14 @@ class TmaGemmConfig:
     num_stages: int = 1
     num_programs: int | None = None  # persistent grid size; None: min(programs_per_sm × #SMs, tiles)
     programs_per_sm: int = 1
+    # 1: the K loop is warp-specialised; None: off. Not a bool: the tables' JSON reader
+    # (kernels/tuning._config_from_json) takes positive ints or null for optional fields.
+    warp_specialize: int | None = None
+
+
+def use_warp_specialize(cfg: TmaGemmConfig) -> bool:
+    """The WARP_SPECIALIZE constexpr for ``cfg``: its field, forced off where tl.range lacks the argument."""
+    return bool(cfg.warp_specialize) and WARP_SPECIALIZE_AVAILABLE
 
 
 @triton.jit(do_not_specialize=TMA_UNSPECIALISED)
@@ -121,6 +163,7 @@ def _conv1x1_bias_act_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False,  # split the K loop into TMA-producer and MMA-consumer warps
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -157,10 +200,16 @@ def _conv1x1_bias_act_fwd_kernel(
 
         # Out-of-bounds rows and K columns are zero-filled by the descriptor: no masks in the loop.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, C_IN, BLOCK_K):
-            a = x_desc.load([off_m, k0])
-            b = w_desc.load([k0, off_n])
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if WARP_SPECIALIZE:  # a constexpr branch: a Triton without the argument never compiles it
+            for k0 in tl.range(0, C_IN, BLOCK_K, warp_specialize=True):
+                a = x_desc.load([off_m, k0])
+                b = w_desc.load([k0, off_n])
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        else:
+            for k0 in tl.range(0, C_IN, BLOCK_K):
+                a = x_desc.load([off_m, k0])
+                b = w_desc.load([k0, off_n])
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
         # Epilogue in fp32: + bias, + residual, activation, one store.
         offs_n = off_n + tl.arange(0, BLOCK_N)
@@ -200,6 +249,150 @@ def _conv1x1_bias_act_fwd_kernel(
             tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
+@triton.jit(do_not_specialize=TMA_STRIDED_UNSPECIALISED)
+def _conv1x1_strided_bias_act_fwd_kernel(
+    x_ptr,  # [BATCH, H, W, C_IN] (channels_last x), read through the strided view [BATCH, P, Q, C_IN]
+    w_ptr,  # [C_IN, C_OUT] row-major (packed weight)
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    BATCH,
+    H,
+    W,
+    P,
+    Q,
+    C_IN,
+    C_OUT,
+    stride_rn,
+    stride_rc,
+    stride_rh,
+    stride_rw,
+    stride_on,
+    stride_oc,
+    stride_oh,
+    stride_ow,
+    act_a,  # fp32 activation arguments (_act._apply_act): hardtanh's bounds, leaky ReLU's slope
+    act_b,
+    STRIDE_H: tl.constexpr,
+    STRIDE_W: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RES_DESC: tl.constexpr,  # residual is channels_last-contiguous and aligned: 4-D descriptor boxes
+    OUT_DESC: tl.constexpr,  # output is channels_last-contiguous and aligned: 4-D descriptor stores
+    ACT: tl.constexpr,  # activation code, _act.ACT_CODES
+    DOT_PRECISION: tl.constexpr,  # "tf32" or "ieee"; used by fp32 dots only
+    ROUND_TF32: tl.constexpr,  # round the fp32 output to tf32 (nearest even) for the next tf32 dot
+    BLOCK_H: tl.constexpr,  # output pixel box: BLOCK_H × BLOCK_W pixels of one image (pixel_box)
+    BLOCK_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr = False,
+):
+    BLOCK_M: tl.constexpr = BLOCK_H * BLOCK_W
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    tiles_h = tl.cdiv(P, BLOCK_H)
+    tiles_w = tl.cdiv(Q, BLOCK_W)
+    tiles_img = tiles_h * tiles_w
+    num_pid_m = BATCH * tiles_img
+    num_pid_n = tl.cdiv(C_OUT, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    num_pid_in_group = GROUP_M * num_pid_n
+
+    # The strided view (module docstring): view pixel (p, q) is x pixel (STRIDE_H·p, STRIDE_W·q); its
+    # extent [BATCH, P, Q] bounds the zero fill. Strides in elements, int64.
+    row_x = W.to(tl.int64) * C_IN
+    x_desc = tl.make_tensor_descriptor(
+        x_ptr,
+        shape=[BATCH, P, Q, C_IN],
+        strides=[H * row_x, STRIDE_H * row_x, STRIDE_W * C_IN, 1],
+        block_shape=[1, BLOCK_H, BLOCK_W, BLOCK_K],
+    )
+    w_desc = tl.make_tensor_descriptor(
+        w_ptr, shape=[C_IN, C_OUT], strides=[C_OUT, 1], block_shape=[BLOCK_K, BLOCK_N]
+    )
+    row_o = Q.to(tl.int64) * C_OUT
+    if RES_DESC:
+        r_desc = tl.make_tensor_descriptor(
+            res_ptr,
+            shape=[BATCH, P, Q, C_OUT],
+            strides=[P * row_o, row_o, C_OUT, 1],
+            block_shape=[1, BLOCK_H, BLOCK_W, BLOCK_N],
+        )
+    if OUT_DESC:
+        o_desc = tl.make_tensor_descriptor(
+            out_ptr,
+            shape=[BATCH, P, Q, C_OUT],
+            strides=[P * row_o, row_o, C_OUT, 1],
+            block_shape=[1, BLOCK_H, BLOCK_W, BLOCK_N],
+        )
+
+    for tile in range(pid, num_tiles, num_programs):
+        # Grouped ordering: consecutive tiles reuse the same weight column tiles.
+        group_id = tile // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+        pid_n = (tile % num_pid_in_group) // group_size_m
+        img = pid_m // tiles_img
+        box = pid_m % tiles_img
+        h0 = (box // tiles_w) * BLOCK_H
+        w0 = (box % tiles_w) * BLOCK_W
+        off_n = pid_n * BLOCK_N
+
+        # Box pixels past P or Q and K columns past C_in are zero-filled by the descriptor: no masks.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if WARP_SPECIALIZE:
+            for k0 in tl.range(0, C_IN, BLOCK_K, warp_specialize=True):
+                a = x_desc.load([img, h0, w0, k0]).reshape(BLOCK_M, BLOCK_K)
+                b = w_desc.load([k0, off_n])
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        else:
+            for k0 in tl.range(0, C_IN, BLOCK_K):
+                a = x_desc.load([img, h0, w0, k0]).reshape(BLOCK_M, BLOCK_K)
+                b = w_desc.load([k0, off_n])
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+        # Epilogue in fp32: + bias, + residual, activation, one store.
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < C_OUT
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
+        if (HAS_RESIDUAL and not RES_DESC) or not OUT_DESC:
+            # Strided paths: row i of the tile is output pixel (h0 + i // BLOCK_W, w0 + i % BLOCK_W).
+            offs_m = tl.arange(0, BLOCK_M)
+            pix_h = h0 + offs_m // BLOCK_W
+            pix_w = w0 + offs_m % BLOCK_W
+            tile_mask = ((pix_h < P) & (pix_w < Q))[:, None] & n_mask[None, :]
+            pix_n = img.to(tl.int64)
+            co = offs_n.to(tl.int64)
+        if HAS_RESIDUAL:
+            if RES_DESC:
+                acc += r_desc.load([img, h0, w0, off_n]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
+            else:
+                r_ptrs = (
+                    res_ptr
+                    + pix_n * stride_rn
+                    + (pix_h.to(tl.int64) * stride_rh + pix_w.to(tl.int64) * stride_rw)[:, None]
+                    + (co * stride_rc)[None, :]
+                )
+                acc += tl.load(r_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+        acc = _apply_act(acc, ACT, act_a, act_b)
+        if ROUND_TF32:
+            acc = _round_tf32(acc)
+        if OUT_DESC:
+            # The copy engine writes only the part of the box inside [BATCH, P, Q, C_OUT]: each element once.
+            tile_out = acc.to(out_ptr.dtype.element_ty).reshape(1, BLOCK_H, BLOCK_W, BLOCK_N)
+            o_desc.store([img, h0, w0, off_n], tile_out)
+        else:
+            o_ptrs = (
+                out_ptr
+                + pix_n * stride_on
+                + (pix_h.to(tl.int64) * stride_oh + pix_w.to(tl.int64) * stride_ow)[:, None]
+                + (co * stride_oc)[None, :]
+            )
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+
 def descriptors_available() -> str | None:
     """None if this Triton has device-side tensor descriptors and a scratch allocator hook, else why not.
     (Both exist from Triton 3.4; the GPU machine's 3.6 and this checkout's 3.8 have them.)"""
@@ -230,8 +423,8 @@ def applicable(
 ) -> str | None:
     """None if ``conv1x1_bias_act`` can run this conv, else the reason it cannot.
 
-    >>> applicable(x, w, stride=2)                            # doctest: +SKIP
-    'tma_gemm: stride (2, 2), needs 1 (stride 2 through a strided view is not implemented)'
+    >>> applicable(x, w, stride=3)                            # doctest: +SKIP
+    'tma_gemm: stride (3, 3), needs 1 or (2, 2)'
     """
     why = descriptors_available()
     if why:
@@ -243,8 +436,8 @@ def applicable(
         return f"tma_gemm: {w.shape[2]}x{w.shape[3]} kernel, needs 1x1"
     if groups != 1:
         return f"tma_gemm: groups={groups}, needs 1"
-    if stride != (1, 1):
-        return f"tma_gemm: stride {stride}, needs 1 (stride 2 through a strided view is not implemented)"
+    if stride not in ((1, 1), STRIDED):
+        return f"tma_gemm: stride {stride}, needs 1 or (2, 2)"
     if padding != (0, 0):
         return f"tma_gemm: padding {padding}, needs 0"
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or w.dtype != x.dtype:
@@ -284,9 +477,19 @@ def _num_sms(device: torch.device) -> int:
 
 
 def pick_config(
-    m: int, c_out: int, c_in: int, dtype: torch.dtype, *, interpret: bool = INTERPRET
+    m: int,
+    c_out: int,
+    c_in: int,
+    dtype: torch.dtype,
+    *,
+    interpret: bool = INTERPRET,
+    out_hw: tuple[int, int] | None = None,
 ) -> TmaGemmConfig:
-    """The heuristic config for one 1×1 conv shape (no tuned table for this tactic yet)."""
+    """The heuristic config for one 1×1 conv shape (no tuned table for this tactic yet).
+    ``out_hw``: (P, Q) of a strided conv, whose M tiles are pixel boxes of one image: no larger than the
+    image's power-of-two box (7×7: 64 rows, 49 useful, where a 128-row box would hold 49)."""
+    if out_hw is not None:
+        m = min(m, next_pow2(out_hw[0]) * next_pow2(out_hw[1]))
     if interpret:
         cap = INTERPRET_MAX_BLOCK
         return TmaGemmConfig(
@@ -308,9 +511,25 @@ def pick_config(
     )
 
 
-def num_programs(cfg: TmaGemmConfig, m: int, c_out: int, sms: int) -> int:
-    """Persistent grid: ``programs_per_sm`` programs per SM, never more programs than tiles."""
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out, cfg.block_n)
+def pixel_box(block_m: int, q: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_W) of the strided path's M tile: as wide as the output row allows (next_pow2(Q),
+    at most block_m), the rest in height; BLOCK_H · BLOCK_W = block_m."""
+    block_w = min(block_m, next_pow2(q))
+    return block_m // block_w, block_w
+
+
+def m_tiles(cfg: TmaGemmConfig, m: int, *, batch: int = 1, out_hw: tuple[int, int] | None = None) -> int:
+    """M tiles: of the flat [M] rows (stride 1), or of ``batch`` images of (P, Q) pixel boxes (strided)."""
+    if out_hw is None:
+        return triton.cdiv(m, cfg.block_m)
+    bh, bw = pixel_box(cfg.block_m, out_hw[1])
+    return batch * triton.cdiv(out_hw[0], bh) * triton.cdiv(out_hw[1], bw)
+
+
+def num_programs(cfg: TmaGemmConfig, m: int, c_out: int, sms: int, *, tiles_m: int | None = None) -> int:
+    """Persistent grid: ``programs_per_sm`` programs per SM, never more programs than tiles.
+    ``tiles_m``: the M tile count when it is not cdiv(m, block_m) (the strided path, ``m_tiles``)."""
+    tiles = (tiles_m or triton.cdiv(m, cfg.block_m)) * triton.cdiv(c_out, cfg.block_n)
     return max(1, min(cfg.num_programs or sms * cfg.programs_per_sm, tiles))
 
 
@@ -339,6 +558,7 @@ def conv1x1_bias_act(
     bias: torch.Tensor,
     *,
     residual: torch.Tensor | None = None,
+    stride=1,
     act: str = "relu",
     act_a: float = 0.0,
     act_b: float = 0.0,
@@ -347,15 +567,18 @@ def conv1x1_bias_act(
     out: torch.Tensor | None = None,
     config: TmaGemmConfig | None = None,
 ) -> torch.Tensor:
-    """act(conv2d(x, w) + bias (+ residual)) for a 1×1 stride-1 conv, as one persistent TMA GEMM.
+    """act(conv2d(x, w, stride=stride) + bias (+ residual)) for a 1×1 conv (stride 1 or 2), as one
+    persistent TMA GEMM.
 
     x: (N, C_in, H, W) fp32/fp16/bf16, channels_last-contiguous, C_in·itemsize a multiple of 16 B.
     w: (C_out, C_in, 1, 1), x's dtype, packed with C_out stride 1 (``fastres.fold``).
-    bias: (C_out,) fp32. residual: (N, C_out, H, W), any strides and floating dtype.
+    bias: (C_out,) fp32. residual: (N, C_out, P, Q), any strides and floating dtype.
+    stride: 1 or 2 (padding 0: P = (H − 1)//2 + 1 for stride 2).
     precision: fp32 dot mode, "tf32" (default, or $FASTRES_FP32_PRECISION) or "ieee".
     Raises ValueError with ``applicable``'s reason for a conv this tactic cannot run.
 
     >>> y = conv1x1_bias_act(x, w, b, residual=identity)     # doctest: +SKIP
+    >>> y = conv1x1_bias_act(x, w_down, b_down, stride=2, act="identity")   # doctest: +SKIP
     """
     op = "conv1x1_bias_act"
     if relu is not None:
@@ -369,30 +592,34 @@ def conv1x1_bias_act(
     c_out = w.shape[0]
     if bias.shape[0] != c_out:
         raise ValueError(f"{op}: bias has {bias.shape[0]} entries, expected C_out={c_out}")
-    why = applicable(x, w)
+    why = applicable(x, w, stride=stride)
     if why is not None:
         raise ValueError(f"{op}: {why}")
+    strided = _pair(stride) != (1, 1)
+    sh, sw = _pair(stride)
+    p, q = (h - 1) // sh + 1, (wd - 1) // sw + 1  # padding 0
     if residual is not None:
         check_tensor(op, "residual", residual, ndim=4, device=x.device)
-        if tuple(residual.shape) != (batch, c_out, h, wd):
+        if tuple(residual.shape) != (batch, c_out, p, q):
             raise ValueError(
-                f"{op}: residual shape {tuple(residual.shape)} != output shape {(batch, c_out, h, wd)}"
+                f"{op}: residual shape {tuple(residual.shape)} != output shape {(batch, c_out, p, q)}"
             )
     if out is None:
         out = torch.empty(
-            (batch, c_out, h, wd), device=x.device, dtype=x.dtype, memory_format=torch.channels_last
+            (batch, c_out, p, q), device=x.device, dtype=x.dtype, memory_format=torch.channels_last
         )
-    elif tuple(out.shape) != (batch, c_out, h, wd) or out.dtype != x.dtype:
-        raise ValueError(f"{op}: out must be {(batch, c_out, h, wd)} {x.dtype}")
+    elif tuple(out.shape) != (batch, c_out, p, q) or out.dtype != x.dtype:
+        raise ValueError(f"{op}: out must be {(batch, c_out, p, q)} {x.dtype}")
     elif out.device != x.device:
         raise ValueError(f"{op}: out is on {out.device}, expected {x.device}")
     precision = precision or _default_precision()
     if precision not in ("tf32", "ieee"):
         raise ValueError(f"{op}: precision must be 'tf32' or 'ieee', got {precision!r}")
-    m = batch * h * wd
+    m = batch * p * q
     if m == 0 or c_out == 0:
         return out
-    cfg = config or pick_config(m, c_out, c_in, x.dtype)
+    out_hw = (p, q) if strided else None
+    cfg = config or pick_config(m, c_out, c_in, x.dtype, out_hw=out_hw)
     if x.device.type == "cuda":
         _ensure_allocator()
         sms = _num_sms(x.device)
@@ -404,33 +631,31 @@ def conv1x1_bias_act(
     res = residual if residual is not None else unused_pointer(out)
     res_strides = residual.stride() if residual is not None else out.stride()
     round_tf32 = x.dtype == torch.float32 and precision == "tf32" and x.device.type in TF32_ROUND_DEVICE_TYPES
-    grid = (num_programs(cfg, m, c_out, sms),)
-    launchable(_conv1x1_bias_act_fwd_kernel)[grid](
-        x,
-        w,
-        bias,
-        res,
-        out,
-        m,
-        h,
-        wd,
-        c_in,
-        c_out,
-        *res_strides,
-        *out.stride(),
-        float(act_a),
-        float(act_b),
+    tiles_m = m_tiles(cfg, m, batch=batch, out_hw=out_hw)
+    grid = (num_programs(cfg, m, c_out, sms, tiles_m=tiles_m),)
+    common = dict(
         HAS_RESIDUAL=residual is not None,
         RES_DESC=res_desc,
         OUT_DESC=out_desc,
         ACT=code,
         DOT_PRECISION=precision,
         ROUND_TF32=round_tf32,
-        BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=GROUP_M,
+        WARP_SPECIALIZE=use_warp_specialize(cfg),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if strided:
+        block_h, block_w = pixel_box(cfg.block_m, q)
+        launchable(_conv1x1_strided_bias_act_fwd_kernel)[grid](
+            x, w, bias, res, out, batch, h, wd, p, q, c_in, c_out, *res_strides, *out.stride(),
+            float(act_a), float(act_b), STRIDE_H=sh, STRIDE_W=sw, BLOCK_H=block_h, BLOCK_W=block_w, **common,
+        )  # fmt: skip
+        return out
+    launchable(_conv1x1_bias_act_fwd_kernel)[grid](
+        x, w, bias, res, out, m, h, wd, c_in, c_out, *res_strides, *out.stride(),
+        float(act_a), float(act_b), BLOCK_M=cfg.block_m, **common,
+    )  # fmt: skip
     return out

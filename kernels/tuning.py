@@ -200,7 +200,9 @@ def candidates(
 
 def tma_gemm_candidates(m: int, c_out: int, c_in: int, dtype: torch.dtype) -> list[_tma_gemm.TmaGemmConfig]:
     """The TMA GEMM configs the tuner times for one 1×1 shape: its heuristic first, then
-    ``TMA_GEMM_TILES`` clamped to the problem (fp32 halves block_k), without repeats."""
+    ``TMA_GEMM_TILES`` clamped to the problem (fp32 halves block_k), without repeats; then the first two
+    again with a warp-specialised K loop where this Triton has it (``tma_gemm.WARP_SPECIALIZE_AVAILABLE``;
+    a variant that fails to compile on the GPU is dropped by the tuner)."""
     caps = (
         m_bucket(m),
         max(_tma_gemm.MIN_BLOCK, next_pow2(c_out)),
@@ -220,6 +222,8 @@ def tma_gemm_candidates(m: int, c_out: int, c_in: int, dtype: torch.dtype) -> li
         )
         if cfg not in out:
             out.append(cfg)
+    if _tma_gemm.WARP_SPECIALIZE_AVAILABLE:
+        out += [dataclasses.replace(cfg, warp_specialize=1) for cfg in out[:2]]
     return out
 
 

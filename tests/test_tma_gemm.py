@@ -167,7 +167,10 @@ NOT_APPLICABLE = [
     ("fp16 C_out=12", _nhwc(1, 16, 4, 4, torch.float16), _packed(12, 16, dtype=torch.float16), {},
      "weight rows of C_out=12"),
     ("fp32 C_in=6", _nhwc(1, 6, 4, 4), _packed(16, 6), {}, "x rows of C_in=6 x 4 B"),
-    ("stride2", _nhwc(1, 16, 4, 4), _packed(16, 16), {"stride": 2}, "stride (2, 2)"),
+    ("stride3", _nhwc(1, 16, 4, 4), _packed(16, 16), {"stride": 3}, "stride (3, 3)"),
+    ("stride2 fp16 C_in=12", _nhwc(1, 12, 5, 5, torch.float16), _packed(16, 12, dtype=torch.float16),
+     {"stride": 2}, "x rows of C_in=12 x 2 B"),
+    ("stride2 nchw_x", torch.randn(1, 16, 5, 5), _packed(16, 16), {"stride": 2}, "not channels_last"),
     ("3x3", _nhwc(1, 16, 4, 4), _packed(16, 16, r=3), {"padding": 1}, "3x3 kernel"),
     ("padding", _nhwc(1, 16, 4, 4), _packed(16, 16), {"padding": 1}, "padding (1, 1)"),
     ("groups", _nhwc(1, 16, 4, 4), _packed(16, 16, groups=2), {"groups": 2}, "groups=2"),
@@ -219,7 +222,7 @@ def test_launcher_argument_errors():
     with pytest.raises(ValueError, match="precision"):
         conv1x1_bias_act(x, w, b, precision="fp64")
     with pytest.raises(ValueError, match="stride"):
-        tactics.conv_bias_act(x, w, b, stride=2, tactic="tma_gemm")
+        tactics.conv_bias_act(x, w, b, stride=3, tactic="tma_gemm")
 
 
 def test_gpu_config_and_persistent_grid():
@@ -262,8 +265,8 @@ def test_tuned_choice_and_its_limits(monkeypatch):
     name, why = tactics.choose(x, w, tuned="tma_gemm", env="gather")
     assert name == "gather" and "leaves it out" in why
     # A tuned tactic that cannot run this conv falls back with its reason.
-    name, why = tactics.choose(x, w, stride=2, tuned="tma_gemm")
-    assert name == "gather" and "stride (2, 2)" in why
+    name, why = tactics.choose(x, w, stride=3, tuned="tma_gemm")
+    assert name == "gather" and "stride (3, 3)" in why
     # The dual GEMM (projection shortcut) is gather's alone.
     name, why = tactics.choose(x, w, shortcut=True, tuned="tma_gemm")
     assert name == "gather" and "shortcut" in why
@@ -301,3 +304,151 @@ def test_tactics_conv_bias_act_runs_either_tactic_with_conv_signature(monkeypatc
         F.conv2d(x.double(), f.weight.double(), f.bias.double()) + F.conv2d(x.double(), sc.weight.double())
     )
     assert_close(ys, expected, rel=rel, atol=atol, rtol=rtol, what="1x1 + shortcut")
+
+
+# ---- stride 2: the strided 4-D view ----
+
+# (name, N, C_in, H, W, C_out, residual, act): even and odd H/W (P = (H - 1)//2 + 1), batch 1 and 2, the
+# ResNet-50 downsample class (C_out = 2·C_in... at reduced size), ReLU, identity and leaky ReLU.
+STRIDE2 = [
+    ("even 8x8 b2 +res relu", 2, 32, 8, 8, 64, True, "relu"),
+    ("odd 7x7 b1 identity", 1, 64, 7, 7, 128, False, "identity"),
+    ("odd H 9x6 b2 +res leaky", 2, 16, 9, 6, 48, True, "leaky_relu"),
+    ("odd W 6x11 b1 relu", 1, 48, 6, 11, 32, False, "relu"),
+    ("1x1 spatial b2", 2, 16, 1, 1, 16, True, "identity"),
+]
+
+
+@pytest.mark.parametrize("dtype, rel, atol, rtol", DTYPES)
+@pytest.mark.parametrize("case", STRIDE2, ids=[c[0] for c in STRIDE2])
+def test_stride2_matches_unfolded_reference(case, dtype, rel, atol, rtol):
+    """Stride 2 through the strided view: the fp64 reference of the unfolded conv → BN (→ +res) → act, the
+    output NaN-poisoned beforehand (every element written), through tactics.choose when tma_gemm is
+    preferred; the residual NCHW in the other dtype (strided epilogue load) or channels_last (descriptor)."""
+    _, n, c_in, h, w, c_out, has_res, act = case
+    conv, bn = make_conv_bn(c_in, c_out, stride=2, conv_bias=has_res)
+    x = torch.randn(n, c_in, h, w).to(dtype).to(memory_format=torch.channels_last)
+    p, q = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    res = None
+    if has_res:
+        res = torch.randn(n, c_out, p, q)
+        res = res.to(dtype).to(memory_format=torch.channels_last) if n == 2 else res.half()
+    folded = fold_conv_bn(conv, bn, dtype, precision="ieee")
+    assert applicable(x, folded.weight, stride=2) is None
+    assert tactics.choose(x, folded.weight, stride=2, env="tma_gemm")[0] == "tma_gemm"
+    out = poisoned((n, c_out, p, q), dtype, "cpu")
+    slope = 0.1
+    y = tactics.conv_bias_act(
+        x, folded.weight, folded.bias, residual=res, stride=2, act=act, act_a=slope, precision="ieee",
+        out=out, tactic="tma_gemm",
+    )  # fmt: skip
+    assert y.data_ptr() == out.data_ptr() and y.shape == (n, c_out, p, q)
+    assert not y.isnan().any(), "an output element was never written"
+    with torch.no_grad():
+        ref = bn.double()(conv.to(dtype).double()(x.double()))
+        if res is not None:
+            ref = ref + res.double()
+        acts = {"relu": torch.relu, "identity": lambda t: t, "leaky_relu": lambda t: F.leaky_relu(t, slope)}
+        ref = acts[act](ref)
+    assert_close(y, ref, rel=rel, atol=atol, rtol=rtol, what=f"{case[0]} {dtype}")
+
+
+def test_stride2_every_output_written_once_with_any_grid_and_box():
+    """1, 3 and 7 persistent programs, 16- and 32-pixel boxes over odd 9×13 inputs (5×7 outputs: boxes
+    that stick out at the bottom and right), an NCHW output (masked pointer stores) and an output that
+    aliases the residual: a pixel computed twice would add the residual twice, one skipped keeps it."""
+    n, c_in, h, w, c_out = 2, 32, 9, 13, 48
+    conv, bn = make_conv_bn(c_in, c_out, stride=2)
+    x = torch.randn(n, c_in, h, w).to(memory_format=torch.channels_last)
+    res = torch.randn(n, c_out, 5, 7)
+    folded = fold_conv_bn(conv, bn, torch.float32, precision="ieee")
+    expected = gather.conv_bias_act(x, folded.weight, folded.bias, residual=res, stride=2, precision="ieee")
+    for programs, block_m, layout in ((1, 16, "cl"), (3, 32, "nchw"), (7, 16, "nchw"), (3, 32, "cl")):
+        cfg = TmaGemmConfig(block_m, 16, 16, num_programs=programs)
+        inplace = res.clone()
+        if layout == "cl":
+            inplace = inplace.to(memory_format=torch.channels_last)
+        y = conv1x1_bias_act(
+            x, folded.weight, folded.bias, residual=inplace, stride=2, precision="ieee", out=inplace,
+            config=cfg,
+        )  # fmt: skip
+        what = f"{programs} programs {block_m} {layout}"
+        assert_close(y, expected, rel=1e-6, atol=1e-5, rtol=1e-5, what=what)
+
+
+def test_stride2_pixel_box_and_tiles():
+    from fastres.kernels.tma_gemm import m_tiles, pick_config, pixel_box
+
+    assert pixel_box(128, 7) == (16, 8) and pixel_box(128, 14) == (8, 16) and pixel_box(16, 100) == (1, 16)
+    # 7×7 outputs: a 64-pixel box (49 useful), not 128; 28×28: 4×32 boxes, 7 per image.
+    assert pick_config(32 * 49, 2048, 1024, torch.float16, interpret=False, out_hw=(7, 7)).block_m == 64
+    cfg = pick_config(32 * 784, 1024, 512, torch.float16, interpret=False, out_hw=(28, 28))
+    assert cfg.block_m == 128 and m_tiles(cfg, 32 * 784, batch=32, out_hw=(28, 28)) == 32 * 7
+
+
+# ---- warp specialisation: a config field, forced off where Triton lacks it ----
+
+
+def test_warp_specialize_field_guard_and_candidates(monkeypatch):
+    from fastres.kernels import tuning
+
+    ws = TmaGemmConfig(128, 128, 64, 8, 3, warp_specialize=1)
+    assert tma_gemm.use_warp_specialize(TmaGemmConfig(128, 128, 64)) is False
+    assert tma_gemm.use_warp_specialize(ws) is tma_gemm.WARP_SPECIALIZE_AVAILABLE
+    cands = tuning.tma_gemm_candidates(32 * 56 * 56, 256, 64, torch.float16)
+    with_ws = [c for c in cands if c.warp_specialize]
+    assert len(with_ws) == (2 if tma_gemm.WARP_SPECIALIZE_AVAILABLE else 0)
+    assert len(set(cands)) == len(cands)
+    # A Triton whose tl.range has no warp_specialize: the field is forced off, no such candidates.
+    monkeypatch.setattr(tma_gemm, "WARP_SPECIALIZE_AVAILABLE", False)
+    assert tma_gemm.use_warp_specialize(ws) is False
+    assert not any(c.warp_specialize for c in tuning.tma_gemm_candidates(32 * 3136, 256, 64, torch.float16))
+
+
+def test_warp_specialize_config_runs_and_round_trips_through_a_table(tmp_path):
+    """The warp-specialised K loop (a plain loop in the interpreter) gives the gather result; the field
+    survives a tuned table's JSON (the reader takes positive ints or null, not bools)."""
+    from fastres.kernels import tuning
+
+    conv, bn = make_conv_bn(64, 32)
+    x = torch.randn(2, 64, 5, 5).to(memory_format=torch.channels_last)
+    f = fold_conv_bn(conv, bn, torch.float32, precision="ieee")
+    ws = TmaGemmConfig(32, 16, 16, num_programs=3, warp_specialize=1)
+    for stride in (1, 2):
+        ref = gather.conv_bias_act(x, f.weight, f.bias, stride=stride, precision="ieee")
+        y = conv1x1_bias_act(x, f.weight, f.bias, stride=stride, precision="ieee", config=ws)
+        assert_close(y, ref, rel=1e-6, atol=1e-5, rtol=1e-5, what=f"warp-specialised stride {stride}")
+    entry = tuning.Entry("tma_gemm", ws, 0.02)
+    path = tuning.write_table(tmp_path / "sm_90.json", "sm_90", {"k": entry})
+    assert tuning.read_table(path, strict=True)["k"].config == ws
+    off = tuning.Entry("tma_gemm", TmaGemmConfig(32, 16, 16), 0.02)
+    path = tuning.write_table(tmp_path / "b" / "sm_90.json", "sm_90", {"k": off})
+    assert tuning.read_table(path, strict=True)["k"].config.warp_specialize is None
+
+
+def test_tuner_drops_a_tma_gemm_candidate_that_cannot_compile(tmp_path):
+    """The one-shot tuner on a 1×1 stride-2 layer: a tma_gemm config that cannot compile (block_m 24, not a
+    power of two) is dropped with its reason, the warp-specialised and plain ones are timed; no crash."""
+    from fastres.tuning import Layer, tune_layers
+
+    broken = TmaGemmConfig(24, 16, 16, num_programs=2)
+    plain = TmaGemmConfig(16, 16, 16, num_programs=2)
+    good = [plain, TmaGemmConfig(16, 16, 16, num_programs=2, warp_specialize=1)]
+    timed = []
+
+    def candidates(tactic, layer, batch, dtype):
+        return [*good, broken] if tactic == "tma_gemm" else [None] if tactic != "gather" else [
+            gather.ConvConfig(16, 16, 16, 4, 2)]
+
+    def timer(fn, choice):
+        timed.append((choice.tactic, choice.config))
+        return 1.0 if choice.tactic == "tma_gemm" else 2.0
+
+    result = tune_layers(
+        [Layer("ds", 16, 5, 5, 32, 1, 1, stride=2)], tmp_path / "sm_90.json", batches=(1,),
+        dtypes=(torch.float16,), budget_s=1e9, device="cpu", arch="sm_90", candidates=candidates, timer=timer,
+        tactics=("gather", "tma_gemm"), log=lambda s: None,
+    )  # fmt: skip
+    assert [(t, c) for _, t, c, why in result.dropped] == [("tma_gemm", broken)]
+    assert "failed to compile or launch" in result.dropped[0][3]
+    assert {c for t, c in timed if t == "tma_gemm"} == set(good)
