@@ -529,6 +529,44 @@ def wgmma_operand_a(ttgir: str) -> str:
     return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
+def k_loops(ttgir: str) -> dict:
+    """The software pipelining of the loops that hold the dot, from the TTGIR: for each such ``scf.for``
+    (main conv, then the shortcut's), its nesting depth (1: a top-level loop over the whole K range; 3: the
+    channel loop inside the r and s tap loops, restarted per tap), the async copies in its body
+    (``ttg.async_copy_global_to_local``, cp.async; ``ttng.async_tma_copy_global_to_local``, TMA: the
+    copies for later iterations, issued while this one's dot runs; 0: not pipelined) and its
+    ``ttg.async_wait`` count (cp.async groups left in flight; None for TMA, which waits on barriers).
+    ``drains_in_loops``: ``async_wait {num = 0}`` inside a loop, a pipeline emptied on every iteration of an
+    outer loop (per tap)."""
+    stack: list[dict] = []  # the open scf.for, innermost last
+    loops, drains = [], 0
+    for line in ttgir.splitlines():
+        body = line.lstrip()
+        indent = len(line) - len(body)
+        if stack and body.startswith("}") and indent == stack[-1]["indent"]:
+            done = stack.pop()
+            if done["dot"]:
+                loops.append({"depth": done["depth"], "copies": done["copies"], "wait": done["wait"]})
+            continue
+        if stack:
+            top = stack[-1]
+            top["dot"] |= bool(re.search(r"(?:ttng\.warp_group_dot|tt\.dot) ", body))
+            top["copies"] += bool(re.search(r"\.async(?:_tma)?_copy_global_to_local ", body))
+            m = re.search(r"ttg\.async_wait .*\{num = (\d+)", body)
+            if m:
+                top["wait"] = int(m.group(1))
+        if re.search(r"ttg\.async_wait\s*(?:[^{]*)\{num = 0 ", body) and stack:
+            drains += 1
+        if re.search(r"= scf\.for |^scf\.for ", body):
+            stack.append({"indent": indent, "depth": len(stack) + 1, "dot": False, "copies": 0, "wait": None})
+    return {
+        "k_loops": loops,
+        "k_loop_depth": max((lp["depth"] for lp in loops), default=0),
+        "k_pipelined": bool(loops) and all(lp["copies"] > 0 for lp in loops),
+        "drains_in_loops": drains,
+    }
+
+
 def analyse(ck, arch: int, num_warps: int) -> dict:
     ptx = ck.asm["ptx"]
     arch_name = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
@@ -541,6 +579,8 @@ def analyse(ck, arch: int, num_warps: int) -> dict:
         "ptx_ldmatrix": ptx.count("ldmatrix"),
         "wgmma_a": wgmma_operand_a(ck.asm.get("ttgir", "")),
         "ptx_global_loads": global_load_widths(ptx),
+        "ptx_cp_async": len(re.findall(r"\bcp\.async\.c[ag]\.", ptx)),
+        **k_loops(ck.asm.get("ttgir", "")),
         **_ptxas_info(ptx, arch_name),
         **_sass_counts(ck.asm["cubin"]),
     }
@@ -694,7 +734,8 @@ def build_report(
                 f"  sm_{arch} b{batch:<3} {shape.name + label:<44} regs {info['regs']!s:>4} "
                 f"spill {info['spill_store_bytes']!s:>5}B "
                 f"smem {info['shared_bytes'] // 1024:>4}KiB {info['tensor_core']:<8} occ "
-                f"{info['occupancy']:.2f} tma {info['ptx_tma']} A {info['wgmma_a']} {' '.join(info['flags'])}"
+                f"{info['occupancy']:.2f} tma {info['ptx_tma']} A {info['wgmma_a']} "
+                f"K {_k_loops_cell(info)} {' '.join(info['flags'])}"
                 f"{' (cached)' if hit else ''}"
             )
     return {
@@ -723,12 +764,13 @@ def to_markdown(doc: dict) -> str:
     head = "| arch | batch | layer | class | " + ("tactic | " if multi else "")
     head += "config (BMxBNxBK w/s) | regs | spill B | smem KiB | tensor core | "
     head += "TMA (PTX/UTMALDG/UTMASTG) | wgmma A | " if multi else ""
+    head += "K loops (depth/copies/wait; drains) | "
     lines = [
         f"### Kernel report: {a['model']} at {a['image']}, batch {', '.join(map(str, batches))}, "
         f"{a['dtype']} (compiled on the CPU, triton {doc['env']['triton']})",
         "",
         head + "occupancy | waves | predicted µs (default tile unsplit) | flags | lookup picks |",
-        "|---" * (14 + 3 * multi) + "|",
+        "|---" * (15 + 3 * multi) + "|",
     ]
     for r in doc["records"]:
         c = r["config"]
@@ -744,13 +786,23 @@ def to_markdown(doc: dict) -> str:
             f"| sm_{r['arch']} | {r['batch']} | {r['layer']} | {r['class']} | {tactic}"
             f"{c_box}{c['block_m']}x{c['block_n']}x{c['block_k']} "
             f"{c['num_warps']}/{c['num_stages']} | {r['regs']} | {r['spill_store_bytes']} | "
-            f"{r['shared_bytes'] / 1024:.0f} | {tc} | {r['occupancy']:.2f} "
+            f"{r['shared_bytes'] / 1024:.0f} | {tc} | {_k_loops_cell(r)} | {r['occupancy']:.2f} "
             f"({r['limited_by']}) | {r['waves']} | {_predicted_cell(r.get('predicted'))} | "
             f"{' '.join(r['flags']) or '-'} | {r.get('chosen', '-')} |"
         )
     flagged = sorted({(r["arch"], f) for r in doc["records"] for f in r["flags"]})
     lines += ["", "Flags: " + (", ".join(f"sm_{a}: {f}" for a, f in flagged) if flagged else "none")]
     return "\n".join(lines) + "\n"
+
+
+def _k_loops_cell(r: dict) -> str:
+    """``d1/c2/w4, d1/c2/w4; 0``: each dot loop's nesting depth, in-loop async copies and wait count, then
+    the pipelines drained inside a loop (``k_loops``)."""
+    loops = r.get("k_loops")
+    if loops is None:
+        return "-"
+    each = ", ".join(f"d{lp['depth']}/c{lp['copies']}/w{lp['wait']}" for lp in loops)
+    return f"{each or 'none'}; {r.get('drains_in_loops', 0)}"
 
 
 def _predicted_cell(p: dict | None) -> str:

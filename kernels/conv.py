@@ -179,9 +179,87 @@ def _channel_tiles(a_row, row_mask, b_col, n_mask, c0, C, stride_ac, stride_bc, 
     return a, b
 
 
+@triton.jit
+def _main_k_tiles(
+    x_base,
+    w_base,
+    ih0,
+    iw0,
+    m_mask,
+    n_mask,
+    it,
+    n_c,
+    H,
+    W,
+    C_IN_G,
+    stride_xc,
+    stride_xh,
+    stride_xw,
+    stride_wc,
+    stride_wr,
+    stride_ws,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    DIL_H: tl.constexpr,
+    DIL_W: tl.constexpr,
+    FLAT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The A and B tiles of the main conv's K iteration ``it``: flat K block ``it`` (small C_in), or channel
+    block ``it % n_c`` of tap ``it // n_c`` (taps in (r, s) order, each a contiguous run of C in an A row)."""
+    if FLAT_K:
+        a, b = _flat_k_tiles(
+            x_base,
+            w_base,
+            ih0,
+            iw0,
+            m_mask,
+            n_mask,
+            it * BLOCK_K,
+            H,
+            W,
+            C_IN_G,
+            stride_xc,
+            stride_xh,
+            stride_xw,
+            stride_wc,
+            stride_wr,
+            stride_ws,
+            R,
+            S,
+            DIL_H,
+            DIL_W,
+            BLOCK_K,
+        )
+    elif R * S == 1:
+        # 1x1: one tap, so no division by n_c (a runtime value: ~300 more SASS instructions per 1x1 kernel
+        # on sm_90, kernel report)
+        ih = ih0
+        iw = iw0
+        pix_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a_row = x_base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+        a, b = _channel_tiles(
+            a_row, pix_mask, w_base, n_mask, it * BLOCK_K, C_IN_G, stride_xc, stride_wc, BLOCK_K
+        )
+    else:
+        rs = it // n_c
+        r = rs // S
+        s = rs % S
+        ih = ih0 + r * DIL_H
+        iw = iw0 + s * DIL_W
+        pix_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a_row = x_base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+        b_col = w_base + r * stride_wr + s * stride_ws
+        a, b = _channel_tiles(
+            a_row, pix_mask, b_col, n_mask, (it % n_c) * BLOCK_K, C_IN_G, stride_xc, stride_wc, BLOCK_K
+        )
+    return a, b
+
+
 if INTERPRET:  # as _act's helpers: skipped from torch's tracing hash under the interpreter
     _flat_k_tiles.__triton_builtin__ = True
     _channel_tiles.__triton_builtin__ = True
+    _main_k_tiles.__triton_builtin__ = True
 
 
 @triton.jit(do_not_specialize=CONV_UNSPECIALISED)
@@ -288,127 +366,74 @@ def _conv_bias_act_fwd_kernel(
         )
         b2_col = w2_ptr + co * stride_w2o
 
-    if SPLIT_K == 1:
-        if FLAT_K:
-            for k0 in range(0, R * S * C_IN_G, BLOCK_K):
-                a, b = _flat_k_tiles(
-                    x_base,
-                    w_base,
-                    ih0,
-                    iw0,
-                    m_mask,
-                    n_mask,
-                    k0,
-                    H,
-                    W,
-                    C_IN_G,
-                    stride_xc,
-                    stride_xh,
-                    stride_xw,
-                    stride_wc,
-                    stride_wr,
-                    stride_ws,
-                    R,
-                    S,
-                    DIL_H,
-                    DIL_W,
-                    BLOCK_K,
-                )
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        else:
-            # One filter tap at a time, channels innermost: each A row is a contiguous run of C.
-            for r in range(R):
-                for s in range(S):
-                    ih = ih0 + r * DIL_H
-                    iw = iw0 + s * DIL_W
-                    pix_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                    a_row = x_base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-                    b_col = w_base + r * stride_wr + s * stride_ws
-                    for c0 in range(0, C_IN_G, BLOCK_K):
-                        a, b = _channel_tiles(
-                            a_row, pix_mask, b_col, n_mask, c0, C_IN_G, stride_xc, stride_wc, BLOCK_K
-                        )
-                        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if HAS_SHORTCUT:
-            for c0 in range(0, C_IN2, BLOCK_K):
-                a, b = _channel_tiles(
-                    a2_row, m_mask, b2_col, n_mask, c0, C_IN2, stride_x2c, stride_w2c, BLOCK_K
-                )
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    # One iteration space: the main conv's K blocks (taps x channel blocks, or flat blocks), then the
+    # shortcut's. Unsplit, one program walks all of it; with split-K program k takes the k-th contiguous
+    # slice (the last ones may be short or empty). Taps and channel blocks form one loop, not r/s/c loops:
+    # with C_in = BLOCK_K (layer1's 3x3) the channel loop has one iteration per tap, and Triton pipelines
+    # only the loop that holds the dot, so nested loops refilled and drained the pipeline on every tap
+    # (kernel report's k_loops: depth 3, one drain per tap, before; depth 1 and no drain now).
+    n_c = tl.cdiv(C_IN_G, BLOCK_K)
+    if FLAT_K:
+        n_main = tl.cdiv(R * S * C_IN_G, BLOCK_K)
     else:
-        # One iteration space: the main conv's K blocks (taps x channel blocks, or flat blocks), then the
-        # shortcut's; program k takes the k-th contiguous slice (the last ones may be short or empty).
-        n_c = tl.cdiv(C_IN_G, BLOCK_K)
-        if FLAT_K:
-            n_main = tl.cdiv(R * S * C_IN_G, BLOCK_K)
-        else:
-            n_main = R * S * n_c
-        n_total = n_main
-        if HAS_SHORTCUT:
-            n_total += tl.cdiv(C_IN2, BLOCK_K)
+        n_main = R * S * n_c
+    n_total = n_main
+    if HAS_SHORTCUT:
+        n_total += tl.cdiv(C_IN2, BLOCK_K)
+    if SPLIT_K == 1:
+        main_lo = 0
+        main_hi = n_main
+        sc_lo = n_main
+        sc_hi = n_total
+    else:
         per_split = tl.cdiv(n_total, SPLIT_K)
         it_lo = tl.program_id(2) * per_split
         it_hi = min(it_lo + per_split, n_total)
-        for it in range(it_lo, min(it_hi, n_main)):
-            if FLAT_K:
-                a, b = _flat_k_tiles(
-                    x_base,
-                    w_base,
-                    ih0,
-                    iw0,
-                    m_mask,
-                    n_mask,
-                    it * BLOCK_K,
-                    H,
-                    W,
-                    C_IN_G,
-                    stride_xc,
-                    stride_xh,
-                    stride_xw,
-                    stride_wc,
-                    stride_wr,
-                    stride_ws,
-                    R,
-                    S,
-                    DIL_H,
-                    DIL_W,
-                    BLOCK_K,
-                )
-            else:
-                rs = it // n_c
-                r = rs // S
-                s = rs % S
-                ih = ih0 + r * DIL_H
-                iw = iw0 + s * DIL_W
-                pix_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a_row = x_base + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
-                b_col = w_base + r * stride_wr + s * stride_ws
-                a, b = _channel_tiles(
-                    a_row,
-                    pix_mask,
-                    b_col,
-                    n_mask,
-                    (it % n_c) * BLOCK_K,
-                    C_IN_G,
-                    stride_xc,
-                    stride_wc,
-                    BLOCK_K,
-                )
+        main_lo = it_lo
+        main_hi = min(it_hi, n_main)
+        sc_lo = max(it_lo, n_main)
+        sc_hi = it_hi
+    for it in range(main_lo, main_hi):
+        a, b = _main_k_tiles(
+            x_base,
+            w_base,
+            ih0,
+            iw0,
+            m_mask,
+            n_mask,
+            it,
+            n_c,
+            H,
+            W,
+            C_IN_G,
+            stride_xc,
+            stride_xh,
+            stride_xw,
+            stride_wc,
+            stride_wr,
+            stride_ws,
+            R,
+            S,
+            DIL_H,
+            DIL_W,
+            FLAT_K,
+            BLOCK_K,
+        )
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if HAS_SHORTCUT:
+        for it in range(sc_lo, sc_hi):
+            a, b = _channel_tiles(
+                a2_row,
+                m_mask,
+                b2_col,
+                n_mask,
+                (it - n_main) * BLOCK_K,
+                C_IN2,
+                stride_x2c,
+                stride_w2c,
+                BLOCK_K,
+            )
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        if HAS_SHORTCUT:
-            for it in range(max(it_lo, n_main), it_hi):
-                a, b = _channel_tiles(
-                    a2_row,
-                    m_mask,
-                    b2_col,
-                    n_mask,
-                    (it - n_main) * BLOCK_K,
-                    C_IN2,
-                    stride_x2c,
-                    stride_w2c,
-                    BLOCK_K,
-                )
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     pq_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:

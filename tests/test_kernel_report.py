@@ -73,6 +73,18 @@ def test_main_loop_uses_wgmma_without_spills(report, layer):
     assert rec["flags"] == []
 
 
+@pytest.mark.parametrize("layer", LAYERS)
+def test_k_range_is_one_software_pipelined_loop(report, layer):
+    """The loop that holds the dot is a top-level loop over all taps x channel blocks, with its async copies
+    in flight across taps (kernels/conv.py): nested r/s/c loops (depth 3 here, before) pipelined only the
+    channel loop, one iteration per tap at C_in = BLOCK_K = 64, and drained the pipeline after every tap."""
+    rec = next(r for r in report[0]["records"] if r["layer"] == layer)
+    assert [lp["depth"] for lp in rec["k_loops"]] == [1], f"{layer}: {rec['k_loops']}"
+    loop = rec["k_loops"][0]
+    assert loop["copies"] > 0 and loop["wait"] > 0, f"{layer}: not pipelined {loop}"
+    assert rec["k_pipelined"] and rec["drains_in_loops"] == 0, f"{layer}: {rec['drains_in_loops']} drains"
+
+
 def test_occupancy_estimate():
     sys.path.insert(0, str(REPO))
     from benchmarks.kernel_report import occupancy

@@ -258,6 +258,89 @@ def test_inference_mode_parameters_fold_once_and_refold_sees_in_place_edits():
     assert fast[0]._fold.folds == 2
 
 
+# ---- the unsplit K loop: one flat loop over taps x channel blocks (kernels/conv.py) ----
+
+# (name, N, C_in, H, W, C_out, (R, S), stride, padding, dilation, groups) with BLOCK_K = 16, so a tap has
+# several channel blocks (C_in a multiple of 16) or a masked last one (not), and iteration ``it`` must map
+# to tap it // n_c (r = tap // S, s = tap % S) and channel block it % n_c: a 3x2 kernel tells r from s.
+TAP_SHAPES = [
+    ("3x3 c32: 2 blocks/tap", 2, 32, 7, 6, 24, (3, 3), 1, (1, 1), 1, 1),
+    ("3x3 c24: masked tail block", 1, 24, 6, 7, 16, (3, 3), 1, (1, 1), 1, 1),
+    ("3x3s2 c40", 2, 40, 9, 8, 32, (3, 3), 2, (1, 1), 1, 1),
+    ("3x3 dilation2 c32", 1, 32, 9, 9, 16, (3, 3), 1, (2, 2), 2, 1),
+    ("3x3 groups2 c_in_g24", 1, 48, 6, 6, 32, (3, 3), 1, (1, 1), 1, 2),
+    ("3x2 c24: r != s", 1, 24, 7, 6, 16, (3, 2), 1, (1, 0), 1, 1),
+    ("1x1 c48: 3 blocks", 2, 48, 5, 4, 16, (1, 1), 1, (0, 0), 1, 1),
+]
+
+
+def _out_size(size, k, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+@pytest.mark.parametrize("dtype, rel, atol, rtol", DTYPES)
+@pytest.mark.parametrize("shape", TAP_SHAPES, ids=[s[0] for s in TAP_SHAPES])
+def test_flat_tap_loop_matches_unfolded_reference(shape, dtype, rel, atol, rtol):
+    """Every (tap, channel block) iteration lands once, at its tap's weights: a wrong r/s/c decomposition or
+    a lost masked tail is a whole tap or channel block off. With the residual, into a NaN-poisoned ``out``."""
+    from fastres.kernels.conv import ConvConfig
+
+    _, n, c_in, h, w, c_out, (r, s), stride, padding, dilation, groups = shape
+    conv = nn.Conv2d(c_in, c_out, (r, s), stride, padding, dilation, groups, bias=True).eval()
+    _, bn = make_conv_bn(c_in, c_out, 1, 1, 0, 1, 1)
+    x = torch.randn(n, c_in, h, w).to(dtype).to(memory_format=torch.channels_last)
+    p = _out_size(h, r, stride, padding[0], dilation)
+    q = _out_size(w, s, stride, padding[1], dilation)
+    res = torch.randn(n, c_out, p, q).to(dtype)
+    folded = fold_conv_bn(conv, bn, dtype, precision="ieee")
+    out = torch.full((n, c_out, p, q), float("nan"), dtype=dtype).to(memory_format=torch.channels_last)
+    y = conv_bias_act(
+        x,
+        folded.weight,
+        folded.bias,
+        residual=res,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        precision="ieee",
+        out=out,
+        config=ConvConfig(16, 16, 16),
+    )
+    assert y.data_ptr() == out.data_ptr() and not y.isnan().any()
+    ref = reference(x, conv.to(dtype), bn.to(dtype), res, True)
+    assert_close(y, ref, rel=rel, atol=atol, rtol=rtol, what=f"{shape[0]} {dtype}")
+
+
+@pytest.mark.parametrize("dtype, rel, atol, rtol", DTYPES)
+def test_3x3_main_conv_with_projection_shortcut(dtype, rel, atol, rtol):
+    """The dual GEMM after a flat tap loop: 9 taps x 2 channel blocks of the 3x3 (C_in 32, BLOCK_K 16), then
+    the stride-2 shortcut's 2 blocks (C_in2 24: the second masked) into the same tile."""
+    from fastres.kernels.conv import ConvConfig
+
+    conv2, bn2 = make_conv_bn(32, 40, 3, 1, 1, 1, 1)
+    conv_ds, bn_ds = make_conv_bn(24, 40, 1, 2, 0, 1, 1)
+    x = torch.randn(2, 24, 9, 7).to(dtype).to(memory_format=torch.channels_last)
+    y = torch.randn(2, 32, 5, 4).to(dtype).to(memory_format=torch.channels_last)
+    ref = reference(
+        y, conv2.to(dtype), bn2.to(dtype), reference(x, conv_ds.to(dtype), bn_ds.to(dtype), None, False), True
+    )
+    main = fold_conv_bn(conv2.float(), bn2.float(), dtype, precision="ieee")
+    short = fold_conv_bn(conv_ds.float(), bn_ds.float(), dtype, precision="ieee")
+    got = conv_bias_act(
+        y,
+        main.weight,
+        main.bias + short.bias,
+        padding=1,
+        shortcut_x=x,
+        shortcut_weight=short.weight,
+        shortcut_stride=2,
+        precision="ieee",
+        config=ConvConfig(16, 16, 16),
+    )
+    assert_close(got, ref, rel=rel, atol=atol, rtol=rtol, what=f"3x3 + shortcut {dtype}")
+
+
 # ---- split-K (ConvConfig.split_k): K slices as programs, fp32 partials, the epilogue pass ----
 
 # (name, N, C_in, H, W, C_out, R, stride, padding, dilation, groups, split_k): a 3×3 over 4 taps × 2
