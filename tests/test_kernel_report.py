@@ -330,8 +330,9 @@ def test_tma_gemm_reason_follows_the_applicability_rule():
     from benchmarks.shapes import ConvShape
 
     assert tma_gemm_reason(ConvShape(256, 14, 14, 1024, 1, 1, 1, 0, has_residual=True), torch.float16) is None
-    assert tma_gemm_reason(ConvShape(64, 56, 56, 128, 1, 1, 2, 0), torch.float16) == "not 1x1/s1"
-    assert tma_gemm_reason(ConvShape(64, 56, 56, 64, 3, 3, 1, 1), torch.float16) == "not 1x1/s1"
+    assert tma_gemm_reason(ConvShape(64, 56, 56, 128, 1, 1, 2, 0), torch.float16) is None  # strided view
+    assert tma_gemm_reason(ConvShape(64, 56, 56, 128, 1, 1, 3, 0), torch.float16) == "not 1x1/s1 or 1x1/s2"
+    assert tma_gemm_reason(ConvShape(64, 56, 56, 64, 3, 3, 1, 1), torch.float16) == "not 1x1/s1 or 1x1/s2"
     misaligned = tma_gemm_reason(ConvShape(12, 8, 8, 64, 1, 1, 1, 0), torch.float16)  # 24-byte rows
     assert misaligned == "channels not 16-byte aligned"
     assert tma_gemm_reason(ConvShape(12, 8, 8, 64, 1, 1, 1, 0), torch.float32) is None
@@ -357,7 +358,7 @@ for act, code in ACT_CODES.items():
     out[f"gather {act}"] = analyse(ck, 90, cfg.num_warps)
     if act in ("gelu", "gelu_tanh", "mish", "hardswish"):
         shape = ConvShape(256, 14, 14, 1024, 1, 1, 1, 0, has_residual=True)
-        args, consts, cfg, _, _ = tma_launch_args(shape, 32, torch.float16)
+        args, consts, cfg, *_ = tma_launch_args(shape, 32, torch.float16)
         consts["ACT"] = code
         src, options, target, _ = specialise(tma_gemm._conv1x1_bias_act_fwd_kernel, 90, args, consts, cfg)
         out[f"tma_gemm {act}"] = analyse(
