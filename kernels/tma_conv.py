@@ -60,7 +60,15 @@ import triton.language as tl
 from ._act import _apply_act, _round_tf32, act_code
 from ._common import INTERPRET, check_tensor, launchable, next_pow2, tl_dtype_ok, unused_pointer
 from .conv import TF32_ROUND_DEVICE_TYPES, _default_precision, conv_output_size
-from .tma_gemm import TMA_ALIGN, _ensure_allocator, _is_nhwc_rows, _num_sms, descriptors_available
+from .tma_gemm import (
+    TMA_ALIGN,
+    _ensure_allocator,
+    _is_nhwc_rows,
+    _num_sms,
+    _pixel_box_ptrs,
+    _pixel_box_tile,
+    descriptors_available,
+)
 
 # Tuning constants.
 # Interpreter: each program instance costs milliseconds whatever its block size, so one large pixel box
@@ -208,17 +216,9 @@ def _conv3x3_bias_act_fwd_kernel(
         )
 
     for tile in range(pid, num_tiles, num_programs):
-        # Grouped ordering: consecutive tiles reuse the same weight column tiles.
-        group_id = tile // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
-        pid_n = (tile % num_pid_in_group) // group_size_m
-        img = pid_m // tiles_img
-        box = pid_m % tiles_img
-        h0 = (box // tiles_w) * BLOCK_H
-        w0 = (box % tiles_w) * BLOCK_W
-        off_n = pid_n * BLOCK_N
+        img, h0, w0, off_n = _pixel_box_tile(
+            tile, num_pid_in_group, num_pid_m, tiles_img, tiles_w, GROUP_M, BLOCK_H, BLOCK_W, BLOCK_N
+        )
 
         # Taps × channel blocks, one K loop: scalar index arithmetic per iteration, none per element.
         # The box origin may be negative or past the edge: the zero fill is the padding.
@@ -234,27 +234,16 @@ def _conv3x3_bias_act_fwd_kernel(
 
         # Epilogue in fp32: + bias, + residual, activation, one store.
         offs_n = off_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < C_OUT
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        if (HAS_RESIDUAL and not RES_DESC) or not OUT_DESC:
-            # Strided paths: row i of the tile is pixel (h0 + i // BLOCK_W, w0 + i % BLOCK_W), powers of two.
-            offs_m = tl.arange(0, BLOCK_M)
-            pix_h = h0 + offs_m // BLOCK_W
-            pix_w = w0 + offs_m % BLOCK_W
-            tile_mask = ((pix_h < P) & (pix_w < Q))[:, None] & n_mask[None, :]
-            pix_n = img.to(tl.int64)
-            co = offs_n.to(tl.int64)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < C_OUT, other=0.0)[None, :]
         if HAS_RESIDUAL:
             if RES_DESC:
                 acc += r_desc.load([img, h0, w0, off_n]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
             else:
-                r_ptrs = (
-                    res_ptr
-                    + pix_n * stride_rn
-                    + (pix_h.to(tl.int64) * stride_rh + pix_w.to(tl.int64) * stride_rw)[:, None]
-                    + (co * stride_rc)[None, :]
+                r_ptrs, r_mask = _pixel_box_ptrs(
+                    res_ptr, img, h0, w0, off_n, P, Q, C_OUT, stride_rn, stride_rh, stride_rw, stride_rc,
+                    BLOCK_M, BLOCK_N, BLOCK_W,
                 )
-                acc += tl.load(r_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+                acc += tl.load(r_ptrs, mask=r_mask, other=0.0).to(tl.float32)
         acc = _apply_act(acc, ACT, act_a, act_b)
         if ROUND_TF32:
             acc = _round_tf32(acc)
@@ -263,13 +252,11 @@ def _conv3x3_bias_act_fwd_kernel(
             tile_out = acc.to(out_ptr.dtype.element_ty).reshape(1, BLOCK_H, BLOCK_W, BLOCK_N)
             o_desc.store([img, h0, w0, off_n], tile_out)
         else:
-            o_ptrs = (
-                out_ptr
-                + pix_n * stride_on
-                + (pix_h.to(tl.int64) * stride_oh + pix_w.to(tl.int64) * stride_ow)[:, None]
-                + (co * stride_oc)[None, :]
+            o_ptrs, o_mask = _pixel_box_ptrs(
+                out_ptr, img, h0, w0, off_n, P, Q, C_OUT, stride_on, stride_oh, stride_ow, stride_oc,
+                BLOCK_M, BLOCK_N, BLOCK_W,
             )
-            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 def _pair(v) -> tuple[int, int]:

@@ -126,6 +126,45 @@ class TmaGemmConfig:
     warp_specialize: int | None = None
 
 
+@triton.jit
+def _pixel_box_tile(
+    tile, num_pid_in_group, num_pid_m, tiles_img, tiles_w,
+    GROUP_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """(image, box row, box column, first output channel) of persistent tile ``tile`` of a box kernel,
+    in grouped order (consecutive tiles reuse the same weight column tiles)."""
+    group_id = tile // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    box = pid_m % tiles_img
+    return pid_m // tiles_img, (box // tiles_w) * BLOCK_H, (box % tiles_w) * BLOCK_W, pid_n * BLOCK_N
+
+
+@triton.jit
+def _pixel_box_ptrs(
+    base, img, h0, w0, off_n, P, Q, C_OUT, stride_n, stride_h, stride_w, stride_c,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    """Pointers and mask of an output-shaped tensor's tile for the pixel box at (img, h0, w0), channels
+    from off_n: row i of the tile is pixel (h0 + i // BLOCK_W, w0 + i % BLOCK_W) (powers of two); int64
+    before any product with a stride. The strided residual and output paths of the box kernels (this
+    file's strided 1×1 kernel and ``tma_conv``) share it."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    pix_h = h0 + offs_m // BLOCK_W
+    pix_w = w0 + offs_m % BLOCK_W
+    mask = ((pix_h < P) & (pix_w < Q))[:, None] & (offs_n < C_OUT)[None, :]
+    ptrs = (
+        base
+        + img.to(tl.int64) * stride_n
+        + (pix_h.to(tl.int64) * stride_h + pix_w.to(tl.int64) * stride_w)[:, None]
+        + (offs_n.to(tl.int64) * stride_c)[None, :]
+    )
+    return ptrs, mask
+
+
 def use_warp_specialize(cfg: TmaGemmConfig) -> bool:
     """The WARP_SPECIALIZE constexpr for ``cfg``: its field, forced off where tl.range lacks the argument."""
     return bool(cfg.warp_specialize) and WARP_SPECIALIZE_AVAILABLE
@@ -328,17 +367,9 @@ def _conv1x1_strided_bias_act_fwd_kernel(
         )
 
     for tile in range(pid, num_tiles, num_programs):
-        # Grouped ordering: consecutive tiles reuse the same weight column tiles.
-        group_id = tile // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
-        pid_n = (tile % num_pid_in_group) // group_size_m
-        img = pid_m // tiles_img
-        box = pid_m % tiles_img
-        h0 = (box // tiles_w) * BLOCK_H
-        w0 = (box % tiles_w) * BLOCK_W
-        off_n = pid_n * BLOCK_N
+        img, h0, w0, off_n = _pixel_box_tile(
+            tile, num_pid_in_group, num_pid_m, tiles_img, tiles_w, GROUP_M, BLOCK_H, BLOCK_W, BLOCK_N
+        )
 
         # Box pixels past P or Q and K columns past C_in are zero-filled by the descriptor: no masks.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -355,27 +386,16 @@ def _conv1x1_strided_bias_act_fwd_kernel(
 
         # Epilogue in fp32: + bias, + residual, activation, one store.
         offs_n = off_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < C_OUT
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-        if (HAS_RESIDUAL and not RES_DESC) or not OUT_DESC:
-            # Strided paths: row i of the tile is output pixel (h0 + i // BLOCK_W, w0 + i % BLOCK_W).
-            offs_m = tl.arange(0, BLOCK_M)
-            pix_h = h0 + offs_m // BLOCK_W
-            pix_w = w0 + offs_m % BLOCK_W
-            tile_mask = ((pix_h < P) & (pix_w < Q))[:, None] & n_mask[None, :]
-            pix_n = img.to(tl.int64)
-            co = offs_n.to(tl.int64)
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < C_OUT, other=0.0)[None, :]
         if HAS_RESIDUAL:
             if RES_DESC:
                 acc += r_desc.load([img, h0, w0, off_n]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
             else:
-                r_ptrs = (
-                    res_ptr
-                    + pix_n * stride_rn
-                    + (pix_h.to(tl.int64) * stride_rh + pix_w.to(tl.int64) * stride_rw)[:, None]
-                    + (co * stride_rc)[None, :]
+                r_ptrs, r_mask = _pixel_box_ptrs(
+                    res_ptr, img, h0, w0, off_n, P, Q, C_OUT, stride_rn, stride_rh, stride_rw, stride_rc,
+                    BLOCK_M, BLOCK_N, BLOCK_W,
                 )
-                acc += tl.load(r_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+                acc += tl.load(r_ptrs, mask=r_mask, other=0.0).to(tl.float32)
         acc = _apply_act(acc, ACT, act_a, act_b)
         if ROUND_TF32:
             acc = _round_tf32(acc)
@@ -384,13 +404,11 @@ def _conv1x1_strided_bias_act_fwd_kernel(
             tile_out = acc.to(out_ptr.dtype.element_ty).reshape(1, BLOCK_H, BLOCK_W, BLOCK_N)
             o_desc.store([img, h0, w0, off_n], tile_out)
         else:
-            o_ptrs = (
-                out_ptr
-                + pix_n * stride_on
-                + (pix_h.to(tl.int64) * stride_oh + pix_w.to(tl.int64) * stride_ow)[:, None]
-                + (co * stride_oc)[None, :]
+            o_ptrs, o_mask = _pixel_box_ptrs(
+                out_ptr, img, h0, w0, off_n, P, Q, C_OUT, stride_on, stride_oh, stride_ow, stride_oc,
+                BLOCK_M, BLOCK_N, BLOCK_W,
             )
-            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 def descriptors_available() -> str | None:
