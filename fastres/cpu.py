@@ -125,34 +125,6 @@ def _plain(x, weight, bias, residual, stride, padding, dilation, groups, act, ca
 _NONE = ("identity", 0.0, 0.0)
 
 
-def _mkldnn_conv(x, weight, bias, residual, stride, padding, dilation, groups, act, *, inplace=False):
-    """One oneDNN call: conv + bias (+ residual) (+ the activation where oneDNN fuses it exactly; else
-    PyTorch's function after it). ``inplace``: accumulate into ``residual``, a tensor of ours (the
-    shortcut's output). ``act``: (name, a, b)."""
-    x = x.contiguous(memory_format=_CL)
-    w = packed_weight(weight, stride, padding, dilation, groups, x.shape)
-    post = activations.onednn(*act)
-    if residual is None:
-        if post is None:
-            y = _MKL._convolution_pointwise(x, w, bias, padding, stride, dilation, groups, "none", [], "")
-            return activations.apply(y, *act)
-        attr, scalars, algorithm = post
-        return _MKL._convolution_pointwise(
-            x, w, bias, padding, stride, dilation, groups, attr, scalars, algorithm
-        )
-    unary = "relu" if act[0] == "relu" else None
-    if inplace:
-        y = _MKL._convolution_pointwise_.binary(
-            residual, x, w, bias, padding, stride, dilation, groups, "add", 1.0, unary, [], ""
-        )
-    else:
-        other = residual.to(x.dtype).contiguous(memory_format=_CL)
-        y = _MKL._convolution_pointwise.binary(
-            x, other, w, bias, padding, stride, dilation, groups, "add", None, unary, [], ""
-        )
-    return y if unary is not None else activations.apply(y, *act)
-
-
 def _fall_back(err: BaseException) -> None:
     import warnings
 
@@ -171,10 +143,11 @@ def conv_bias_act(
     act = (act, float(act_a), float(act_b))
     if _tracing(x):
         return _plain(x, weight, bias, residual, stride, padding, dilation, groups, act, cache=False)
-    if use_mkldnn(x, weight) and (residual is None or residual.shape == _out_shape(x, weight, stride,
-                                                                                   padding, dilation)):
-        try:
-            return _mkldnn_conv(x, weight, bias, residual, stride, padding, dilation, groups, act)
+    if use_mkldnn(x, weight):
+        try:  # the same oneDNN call a launch plan binds (None: a residual of another shape)
+            run = _prepare_mkldnn(x, weight, bias, residual, stride, padding, dilation, groups, act)
+            if run is not None:
+                return run(x, residual, None)
         except (RuntimeError, NotImplementedError) as err:
             _fall_back(err)
     return _plain(x, weight, bias, residual, stride, padding, dilation, groups, act, cache=True)
@@ -196,12 +169,13 @@ def conv_shortcut_bias_act(
         )
         return _plain(x, weight, bias, s, stride, padding, dilation, groups, act, cache=False)
     if use_mkldnn(x, weight) and use_mkldnn(shortcut_x, shortcut_weight):
-        try:
-            s = _mkldnn_conv(shortcut_x, shortcut_weight, None, None, shortcut_stride, zero, one, 1, _NONE)
-            if s.shape == _out_shape(x, weight, stride, padding, dilation):
-                return _mkldnn_conv(
-                    x, weight, bias, s, stride, padding, dilation, groups, act, inplace=True
-                )
+        try:  # the same two oneDNN calls a launch plan binds (None: shapes that do not add up)
+            run = _prepare_mkldnn_shortcut(
+                x, weight, bias, shortcut_x, shortcut_weight, stride, padding, dilation, groups,
+                shortcut_stride, act,
+            )
+            if run is not None:
+                return run(x, None, shortcut_x)
         except (RuntimeError, NotImplementedError) as err:
             _fall_back(err)
     s = _plain(shortcut_x, shortcut_weight, None, None, shortcut_stride, zero, one, 1, _NONE, cache=True)
@@ -316,20 +290,28 @@ def _prepare_into_residual(x, weight, bias, residual, stride, padding, dilation,
         or not residual.is_contiguous(memory_format=_CL)
     ):
         return None
+    return _accumulate(x, weight, bias, stride, padding, dilation, groups, actt)
+
+
+def _accumulate(x, weight, bias, stride, padding, dilation, groups, actt):
+    """``into(x, residual)``: the in-place sum over ``residual`` (a tensor the caller owns), bound to the
+    weight's pack for ``x``'s shape."""
     w = packed_weight(weight, stride, padding, dilation, groups, x.shape)
     unary = "relu" if actt[0] == "relu" else None
     accumulate = _MKL._convolution_pointwise_.binary
 
-    def into_residual(x, residual):
+    def into(x, residual):
         x = x.contiguous(memory_format=_CL)
         y = accumulate(residual, x, w, bias, padding, stride, dilation, groups, "add", 1.0, unary, [], "")
         return y if unary is not None else activations.apply(y, *actt)
 
-    return into_residual
+    return into
 
 
 def _prepare_mkldnn(x, weight, bias, residual, stride, padding, dilation, groups, actt):
-    """``_mkldnn_conv``'s call bound to its pack for ``x``'s shape (None where the body would not use it)."""
+    """One oneDNN call, bound to the weight's pack for ``x``'s shape: conv + bias (+ residual) (+ the
+    activation where oneDNN fuses it exactly; else PyTorch's function after it); ``actt``: (name, a, b).
+    None for a residual of another shape. The op body runs it at once, a launch plan keeps it."""
     if residual is not None and residual.shape != _out_shape(x, weight, stride, padding, dilation):
         return None
     w = packed_weight(weight, stride, padding, dilation, groups, x.shape)
@@ -370,17 +352,11 @@ def _prepare_mkldnn_shortcut(
     out_shape = _out_shape(x, weight, stride, padding, dilation)
     if _out_shape(shortcut_x, shortcut_weight, shortcut_stride, zero, one) != out_shape:
         return None
-    ws = packed_weight(shortcut_weight, shortcut_stride, zero, one, 1, shortcut_x.shape)
-    w = packed_weight(weight, stride, padding, dilation, groups, x.shape)
-    unary = "relu" if actt[0] == "relu" else None
-    conv, accumulate = _MKL._convolution_pointwise, _MKL._convolution_pointwise_.binary
+    shortcut = _prepare_mkldnn(shortcut_x, shortcut_weight, None, None, shortcut_stride, zero, one, 1, _NONE)
+    into = _accumulate(x, weight, bias, stride, padding, dilation, groups, actt)
 
     def run(x, residual, shortcut_x):
-        sx = shortcut_x.contiguous(memory_format=_CL)
-        s = conv(sx, ws, None, zero, shortcut_stride, one, 1, "none", [], "")
-        x = x.contiguous(memory_format=_CL)
-        y = accumulate(s, x, w, bias, padding, stride, dilation, groups, "add", 1.0, unary, [], "")
-        return y if unary is not None else activations.apply(y, *actt)
+        return into(x, shortcut(shortcut_x, None, None))  # the main conv summed over the shortcut's output
 
     return run
 
