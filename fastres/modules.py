@@ -25,6 +25,7 @@ import warnings
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from fastres import activations, cpu, ops
 from fastres.fold import (
@@ -251,29 +252,28 @@ class _Plan:
     def __reduce__(self):
         return (type(None), ())  # pickled as None, like FoldCache's state
 
-    def ready(self, x) -> bool:
+    def _mode_ok(self, x) -> bool:
+        """A plain tensor, no gradients, no tracing, no autocast, nothing in training mode."""
         return (
             type(x) is torch.Tensor
             and not torch.is_grad_enabled()
             and not _tracing()
             and not torch.is_autocast_enabled(self.device_type)
             and not any(map(_TRAINING, self.modules))
-            and self.matches(x)
         )
+
+    def ready(self, x) -> bool:
+        return self._mode_ok(x) and self.matches(x)
 
     def fuses(self, x) -> bool:
         """True only if the plan's module fuses now for an input like ``x`` (its dtype and device): what
         the norm, activation and pool after a fused conv ask (``_PassThroughWhenFused``) on each forward,
         answered without walking parameters. False means "ask the module" (the full decision), not "no"."""
         return (
-            type(x) is torch.Tensor
+            self._mode_ok(x)
             and x.dtype is self.dtype
             and x.device == self.device
-            and not torch.is_grad_enabled()
-            and not _tracing()
-            and not torch.is_autocast_enabled(self.device_type)
             and not torch.onnx.is_in_onnx_export()
-            and not any(map(_TRAINING, self.modules))
             and list(map(activations.key, self.acts)) == self.act_keys
         )
 
@@ -971,9 +971,7 @@ class FusedStage(nn.Sequential):
 
 def _forward_hooks(blocks) -> bool:
     """Whether a forward hook (a block's, or a global one) could see a tensor passed between blocks."""
-    from torch.nn.modules import module as _module
-
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+    if _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks:
         return True
     return any(b._forward_hooks or b._forward_pre_hooks for b in blocks)
 
