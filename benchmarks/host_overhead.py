@@ -301,11 +301,9 @@ def measure_cuda(
     import torchvision
 
     import fastres
-    from fastres.testing import count_launches, rel_err
+    from fastres.testing import count_launches, randomize_bn, rel_err
 
     torch.manual_seed(0)
-    from fastres.testing import randomize_bn
-
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     eager = randomize_bn(getattr(torchvision.models, model_name)()).eval().to(device)
