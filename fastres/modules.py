@@ -126,6 +126,8 @@ KERNEL_DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 _TRAINING = operator.attrgetter("training")
 _EPS = operator.attrgetter("eps")
+_VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
 _CHILDREN = operator.attrgetter("_modules")
 
 
@@ -138,6 +140,27 @@ def _tracing() -> bool:
         or torch._C._get_tracing_state() is not None
         or torch._C._len_torch_dispatch_stack() > 0
     )
+
+
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def plain_inference(x) -> bool:
+    """What a launch plan needs of the call, before its own checks: a plain tensor, no gradient mode, no
+    tracing, and no autocast (for any device type: a stricter rule than the input's device, and one C
+    call; under autocast for another device the full decision runs, and may still use the plan)."""
+    return (
+        not torch.compiler.is_compiling()  # first: Dynamo folds it, and traces none of the calls after it
+        and type(x) is torch.Tensor
+        and not torch.is_grad_enabled()
+        and torch._C._get_tracing_state() is None
+        and not torch._C._len_torch_dispatch_stack()
+        and not (_ANY_AUTOCAST() if _ANY_AUTOCAST is not None else _autocast_any(x))
+    )
+
+
+def _autocast_any(x) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
 
 
 def _plannable(x) -> bool:
@@ -220,7 +243,7 @@ class _Plan:
         self.precision = fp32_precision() if x.dtype == torch.float32 else None
         self.modules = tuple(modules)  # every module whose training flag the decision reads
         self.trees = tuple(trees)  # modules whose children must stay the same objects
-        self.children = [tuple(m._modules.values()) for m in self.trees]
+        self.children = list(map(tuple, map(dict.values, map(_CHILDREN, self.trees))))
         self.dicts = [d for d, _ in sources]
         self.names = [n for _, n in sources]
         self.tensors = [d.get(n) for d, n in sources]
@@ -238,12 +261,21 @@ class _Plan:
             and x.stride() == self.stride
             and x.device == self.device
             and (x.data_ptr() % 16 == 0) is self.aligned
-            and (self.precision is None or fp32_precision() == self.precision)
+            and self._folds_hold()
+        )
+
+    def _folds_hold(self) -> bool:
+        """The fp32 dot mode, every folded tensor (same object in its module, same version and memory),
+        every eps and activation setting, and the module trees are as they were when the plan was made."""
+        stamps = self.stamps
+        return (
+            (self.precision is None or fp32_precision() == self.precision)
             and all(map(operator.is_, map(dict.get, self.dicts, self.names), self.tensors))
-            and self.stamps.unchanged()
+            and list(map(_VERSION, stamps.versioned)) == stamps.versions  # stamps.unchanged(), inline
+            and list(map(_DATA_PTR, stamps.tensors)) == stamps.pointers
             and list(map(_EPS, self.bns)) == self.eps
             and list(map(activations.key, self.acts)) == self.act_keys
-            and [tuple(d.values()) for d in map(_CHILDREN, self.trees)] == self.children
+            and list(map(tuple, map(dict.values, map(_CHILDREN, self.trees)))) == self.children
         )
 
     def __deepcopy__(self, memo):
@@ -254,16 +286,24 @@ class _Plan:
 
     def _mode_ok(self, x) -> bool:
         """A plain tensor, no gradients, no tracing, no autocast, nothing in training mode."""
-        return (
-            type(x) is torch.Tensor
-            and not torch.is_grad_enabled()
-            and not _tracing()
-            and not torch.is_autocast_enabled(self.device_type)
-            and not any(map(_TRAINING, self.modules))
-        )
+        return plain_inference(x) and not any(map(_TRAINING, self.modules))
 
     def ready(self, x) -> bool:
-        return self._mode_ok(x) and self.matches(x)
+        """The whole per-forward check of the fast path: ``_mode_ok(x) and matches(x)``."""
+        return plain_inference(x) and self.holds(x)
+
+    def holds(self, x) -> bool:
+        """``ready(x)`` once ``plain_inference(x)`` is known to hold (``FusedStage`` checks it once for all
+        its blocks): nothing in training mode, the same signature, folds that are not stale."""
+        return (
+            not any(map(_TRAINING, self.modules))
+            and x.dtype is self.dtype
+            and x.shape == self.shape
+            and x.stride() == self.stride
+            and x.device == self.device
+            and (x.data_ptr() % 16 == 0) is self.aligned
+            and self._folds_hold()
+        )
 
     def fuses(self, x) -> bool:
         """True only if the plan's module fuses now for an input like ``x`` (its dtype and device): what
@@ -945,24 +985,25 @@ class FusedStage(nn.Sequential):
         if torch.jit.is_scripting():
             return self._script_forward(x)
         blocks = list(self._modules.values())
-        if (
-            type(x) is not torch.Tensor
-            or x.device.type != "cpu"
-            or torch.is_grad_enabled()
-            or _tracing()
-            or torch.onnx.is_in_onnx_export()
-            or _forward_hooks(blocks)
-        ):
+        if not plain_inference(x) or torch.onnx.is_in_onnx_export() or _forward_hooks(blocks):
             for block in blocks:
                 x = block(x)
             return x
-        y = blocks[0](x)  # x is the caller's: never written
-        for block in blocks[1:]:
+        # No hook can see a block's call, and the mode was checked once here: a block whose plan holds
+        # runs it directly (module → plan → kernels, no nn.Module call); any other block is called.
+        owned = False  # whether y was made by this forward (x is the caller's: never written)
+        cpu = x.is_cpu
+        y = x
+        for block in blocks:
             plan = block.__dict__.get("_plan")
-            if plan is not None and plan.run_owned is not None and plan.ready(y):
-                y = plan.run_owned(y)  # y is this forward's own: the block's output goes over it
+            if plan is not None and plan.holds(y):
+                if owned and plan.run_owned is not None:
+                    y = plan.run_owned(y)  # the block's output goes over its input (CPU path)
+                else:
+                    y = plan.run(y)
             else:
                 y = block(y)
+            owned = cpu
         return y
 
     def extra_repr(self) -> str:

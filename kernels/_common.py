@@ -142,11 +142,13 @@ class BoundLaunch:
     cache lookup per call. The generic path is taken whenever the bound one could be wrong or unseen:
     no compiled kernel (interpreter, a Triton without these attributes, a compile request), the kernel
     or ``launchable`` replaced (``count_launches``, tests), ``compile_only``, Triton's debug or
-    instrumentation knob changed, or pre-run hooks added. Another current CUDA device gets a guard."""
+    instrumentation knob changed, or pre-run hooks added. Another current CUDA device gets a guard, and
+    a launch hook its launch metadata (Triton 3.8's hooks are ``HookChain``s, never None: an empty chain
+    counts as no hook, where Triton would build the metadata of every launch for nobody)."""
 
     __slots__ = (
         "owner", "kernel", "name", "grid", "grid3", "n_runtime", "names", "options", "device", "compiled",
-        "stream", "knobs", "cuda", "index",
+        "stream", "knobs", "cuda", "index", "fast",
     )
 
     def __init__(
@@ -166,6 +168,7 @@ class BoundLaunch:
         self.compiled = None  # the CompiledKernel of the first launch, once bound
         self.stream = None
         self.knobs = None
+        self.fast = None  # once bound: the closure that launches it (``_fast_launch``)
 
     def _bindable(self) -> bool:
         return (
@@ -176,33 +179,22 @@ class BoundLaunch:
         )
 
     def __call__(self, args: list) -> None:
+        fast = self.fast
+        if fast is None or not fast(args):
+            self._generic(args)
+
+    def _generic(self, args: list) -> None:
+        """The launch through Triton's own path (``launchable(kernel)[grid]``); binds on the first."""
         compiled = self.compiled
-        if (  # the bound path: _bindable() and the knobs, inlined (this runs once per kernel launch)
-            compiled is not None
-            and self.owner.launchable is launchable
-            and self.knobs == _knob_state()
-            and not _COMPILE_ONLY.get()
-            and getattr(self.owner, self.name, None) is self.kernel
-            and not self.kernel.pre_run_hooks
-        ):
-            if self.cuda and _current_cuda_device() != self.index:
-                with device_guard(self.device):
-                    return self._run(compiled, args)
-            runtime = _knobs.runtime
-            enter = runtime.launch_enter_hook
-            stream = self.stream(self.index)
-            grid = self.grid3
-            metadata = compiled.launch_metadata(self.grid, stream, *args) if enter is not None else None
-            compiled.run(
-                grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata,
-                enter, runtime.launch_exit_hook, *args,
-            )
-            return None
+        if compiled is not None and self._bindable() and self.knobs == _knob_state():
+            with device_guard(self.device):  # bound, but another device is current or a hook is set
+                return self._run(compiled, args)
         n = self.n_runtime
         consts = dict(zip(self.names, args[n:], strict=True))
         result = self.owner.launchable(self.kernel)[self.grid](*args[:n], **consts, **self.options)
         if (
-            isinstance(self.kernel, JITFunction)
+            compiled is None
+            and isinstance(self.kernel, JITFunction)
             and self._bindable()
             and all(hasattr(result, a) for a in ("run", "function", "packed_metadata", "launch_metadata"))
         ):
@@ -211,6 +203,7 @@ class BoundLaunch:
             self.stream = driver.active.get_current_stream
             self.knobs = _knob_state()
             self.compiled = result
+            self.fast = _fast_launch(self, result)
         return None
 
     def _run(self, compiled, args) -> None:
@@ -230,6 +223,45 @@ class BoundLaunch:
             _knobs.runtime.launch_exit_hook,
             *args,
         )
+
+
+_HOOK_CHAIN = getattr(_knobs, "HookChain", None)
+
+
+def _fast_launch(bound: BoundLaunch, compiled):
+    """``fast(args) -> bool``: launch ``compiled`` with ``args`` straight through its launcher, as
+    ``CompiledKernel.__getitem__`` does (Triton 3.6 to 3.8), and return True; or launch nothing and return
+    False when the generic path must run instead: ``launchable`` or the kernel replaced (``count_launches``,
+    tests), pre-run hooks added, ``compile_only``, Triton's debug or instrumentation knob changed since
+    binding, another CUDA device current, or a launch hook set (it gets its launch metadata there). Every
+    value it reads per call is a local of this closure: this runs once per kernel launch."""
+    owner, name, kernel, index, cuda = bound.owner, bound.name, bound.kernel, bound.index, bound.cuda
+    run, function, packed = compiled.run, compiled.function, compiled.packed_metadata
+    g0, g1, g2 = bound.grid3
+    stream = bound.stream
+    debug, instrumentation = bound.knobs
+    runtime, compilation, chain, only = _knobs.runtime, _knobs.compilation, _HOOK_CHAIN, _COMPILE_ONLY
+
+    def fast(args) -> bool:
+        if (
+            owner.launchable is not launchable
+            or getattr(owner, name, None) is not kernel
+            or kernel.pre_run_hooks
+            or only.get()
+            or runtime.debug is not debug
+            or compilation.instrumentation_mode != instrumentation
+            or (cuda and _current_cuda_device() != index)
+        ):
+            return False
+        enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+        if (enter is not None and (type(enter) is not chain or enter.calls)) or (
+            exit_ is not None and (type(exit_) is not chain or exit_.calls)
+        ):
+            return False
+        run(g0, g1, g2, stream(index), function, packed, None, None, None, *args)
+        return True
+
+    return fast
 
 
 def _current_cuda_device() -> int:

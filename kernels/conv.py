@@ -103,6 +103,14 @@ SATURATING_WARPS = 8
 # - the split-K partials cost DRAM bandwidth both ways (an upper bound: they may stay in the 50 MB L2);
 # - the epilogue pass's launch and ramp cost 3 µs (NOTES.md's 2-4 µs launch gap between kernels).
 EXTRA_LAUNCH_S = 3e-6
+# Measured: the host work of one launch in a plan (its output or workspace allocation and the launch
+# path), 4.5-4.8 µs per launch on this project's 2-core CPU host: ResNet-50 batch 1 with split-K on and off,
+# 72 and 51 launches, 607-630 and 517-528 µs per forward (benchmarks/host_overhead.py, launches recorded;
+# NOTES.md, issue 10). Triton's own launcher adds more on a GPU host, so this is a lower bound. The host
+# issues a plan's launches one after another, so a layer takes at least its launches' host time: where
+# that is longer than the kernels (batch 1 without CUDA graphs) a split's second pass costs host time and
+# the GPU time it saves is not seen; where the kernels are longer, the host's work hides behind them.
+HOST_LAUNCH_S = 4.5e-6
 
 
 @dataclass(frozen=True)
@@ -489,8 +497,11 @@ def pick_config(
 
     On a GPU: the candidate with the least predicted time (``predict_config``, a roofline on H100 SXM
     figures) among the default tile unsplit, its halves down to 64 rows / columns unsplit, and the default
-    tile split into 2 to ``SPLIT_K_MAX`` K slices. Ties go to more of a wave, then fewer slices, then the
-    larger tile. ResNet-50 at batch 32 (fp16, 132 SMs): benchmarks/NOTES.md lists each layer's choice.
+    tile split into 2 to ``SPLIT_K_MAX`` K slices. A candidate's time is the longer of its kernels' and its
+    launches' host time (``HOST_LAUNCH_S`` each: a split has two), so at batch 1 a split whose GPU saving the
+    host would not let show is not taken. Ties go to the shorter kernel time, then more of a wave, then
+    fewer slices, then the larger tile. ResNet-50 at batch 32 (fp16, 132 SMs): benchmarks/NOTES.md lists
+    each layer's choice.
 
     >>> pick_config(32 * 49, 512, 512, 3, 3, torch.float16, interpret=False, num_sms=132).split_k
     2
@@ -508,8 +519,11 @@ def pick_config(
     best, best_key = None, None
     for cfg in config_candidates(m, c_out_g, c_in_g, r, s, dtype):
         pred = predict_config(m, c_out_g, c_in_g, r, s, dtype, cfg, groups=groups, num_sms=sms)
-        # Picoseconds: equal predictions (two half tiles on an SM against one whole) compare equal.
-        key = (round(pred.seconds, 12), -min(1.0, pred.waves), cfg.split_k, -cfg.block_m * cfg.block_n)
+        cost = max(pred.seconds, (2 if cfg.split_k > 1 else 1) * HOST_LAUNCH_S)
+        # Picoseconds: equal predictions (two half tiles on an SM against one whole) compare equal. Equal
+        # costs (both at the host's floor) go to the shorter kernel time.
+        seconds = round(pred.seconds, 12)
+        key = (round(cost, 12), seconds, -min(1.0, pred.waves), cfg.split_k, -cfg.block_m * cfg.block_n)
         if best_key is None or key < best_key:
             best, best_key = cfg, key
     return best
@@ -780,15 +794,17 @@ class ConvLaunch:
         self.ws_stride = None if ws_shape is None else channels_last_strides(ws_shape)
 
     def __call__(self, x, residual=None, shortcut_x=None, out=None) -> torch.Tensor:
+        # x.new_empty_strided: x has the prototype's dtype and device, and the call is ~0.3 µs cheaper than
+        # torch.empty_strided(..., dtype=, device=) (no keyword parsing; CPU, torch 2.14).
         if out is None:
-            out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.dtype, device=self.device)
+            out = x.new_empty_strided(self.out_shape, self.out_stride)
         if self.bound is None:
             return out
         args = self.template.copy()
         args[0] = x
         args[_X2] = shortcut_x if self.has_shortcut else x
         if self.epilogue is not None:
-            ws = torch.empty_strided(self.ws_shape, self.ws_stride, dtype=torch.float32, device=self.device)
+            ws = args[2].new_empty_strided(self.ws_shape, self.ws_stride)  # args[2]: the fp32 bias
             args[4] = ws
             self.bound(args)
             return self.epilogue(ws, out, residual)

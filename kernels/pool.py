@@ -154,7 +154,7 @@ class PoolLaunch:
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
-            out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.dtype, device=self.device)
+            out = x.new_empty_strided(self.out_shape, self.out_stride)  # x has dtype and device (conv.py)
         if self.bound is None:
             return out if self.fill is None else out.fill_(self.fill)
         args = self.template.copy()
