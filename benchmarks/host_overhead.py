@@ -158,10 +158,28 @@ def _no_launch(stack: contextlib.ExitStack) -> bool:
     bound = getattr(_common, "BoundLaunch", None)
     if bound is not None:
         stack.enter_context(_patched(bound, "__call__", lambda self, args: None))
+    if bound is not None and hasattr(bound, "launch"):  # the prepared launches call a bound ``fast`` inline
+        import gc
+
+        stack.enter_context(_patched(bound, "launch", lambda self, args: None))
+        held = [b for b in gc.get_objects() if type(b) is bound and b.fast is not None]
+        saved = [(b, b.fast) for b in held]
+        for b in held:
+            b.fast = _launched
+
+        def restore():
+            for b, fast in saved:
+                b.fast = fast
+
+        stack.callback(restore)
     for name, mod in KERNELS.items():
         kernel = getattr(mod, name)
         stack.enter_context(_patched(kernel, "run", lambda *a, **k: None))
     return True
+
+
+def _launched(args) -> bool:
+    return True  # a bound launch's ``fast`` that launches nothing
 
 
 def _no_dispatch(stack: contextlib.ExitStack) -> bool:
@@ -182,8 +200,9 @@ def _no_fold_check(stack: contextlib.ExitStack) -> bool:
     from fastres.fold import FoldCache
 
     plan = getattr(modules, "_Plan", None)
-    if plan is not None and hasattr(plan, "_folds_hold"):  # the fold part of a plan's check, alone
-        stack.enter_context(_patched(plan, "_folds_hold", lambda self: True))
+    state = getattr(modules, "_FoldState", None)
+    if state is not None:  # the fold part of the plans' checks (and the training flags with it), alone
+        stack.enter_context(_patched(state, "holds", lambda self: True))
         return True
     if plan is not None:
 

@@ -81,9 +81,27 @@ MUTATIONS = {
     ),
     "key_no_conv_bias": (
         "fastres/fold.py",
-        "return (conv.weight, conv.bias, *bn_tensors(bn))",
-        "return (conv.weight, *bn_tensors(bn))",
+        'out = [(conv, "weight"), (conv, "bias")]',
+        'out = [(conv, "weight")]',
         "every cache key without the conv bias",
+    ),
+    "key_no_bn_counter": (
+        "fastres/fold.py",
+        '            out.append((bn, "num_batches_tracked"))',
+        "            pass",
+        "every cache key without the BN's num_batches_tracked (a training-mode forward goes unseen)",
+    ),
+    "train_keeps_conv_folds": (
+        "fastres/modules.py",
+        "refold(self)  # its BN may move its statistics unseen",
+        "pass  #",
+        "a FusedConvBNAct2d / FusedStem run in training mode keeps its plan and folds",
+    ),
+    "train_keeps_block_folds": (
+        "fastres/modules.py",
+        "refold(self)  # its BNs may move their statistics unseen",
+        "pass  #",
+        "a fused block run in training mode keeps its plan and folds",
     ),
     "refold_skips_blocks": (
         "fastres/modules.py",

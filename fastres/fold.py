@@ -245,8 +245,22 @@ class FoldCache:
         self.__init__()
 
 
+def conv_bn_sources(conv: nn.Conv2d, bn: nn.Module | None) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of every tensor a conv(+BN) fold's cache key holds: the conv's weight and bias,
+    the BN's γ, β and running statistics, and its ``num_batches_tracked`` where it has one. The fold does
+    not read that counter, but it is how a training-mode forward shows: the batch_norm kernel updates the
+    running statistics in place without bumping their version counters (torch 2.11-2.14, under
+    gradients, no_grad and inference_mode alike), while BatchNorm's forward adds 1 to the counter in
+    place, which bumps its version. Without it, eval after training steps would reuse the folds of the
+    old statistics (a BN without the counter: the fused modules refold when they run in training mode)."""
+    out = [(conv, "weight"), (conv, "bias")]
+    if bn is not None:
+        out += [(bn, "weight"), (bn, "bias"), (bn, "running_mean"), (bn, "running_var")]
+        if bn._buffers.get("num_batches_tracked") is not None:
+            out.append((bn, "num_batches_tracked"))
+    return out
+
+
 def conv_bn_tensors(conv: nn.Conv2d, bn: nn.Module | None) -> tuple:
-    """Every tensor a conv(+BN) fold reads, for the cache key."""
-    if bn is None:
-        return (conv.weight, conv.bias)
-    return (conv.weight, conv.bias, *bn_tensors(bn))
+    """The tensors of ``conv_bn_sources``, for the cache key."""
+    return tuple(getattr(module, name) for module, name in conv_bn_sources(conv, bn))

@@ -32,6 +32,7 @@ from fastres.fold import (
     FoldCache,
     TensorStamps,
     bn_fold_reason,
+    conv_bn_sources,
     conv_bn_tensors,
     fold_conv_bn,
     fp32_precision,
@@ -125,6 +126,12 @@ def _fx_leaf(module: nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
 KERNEL_DEVICE_TYPES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 _TRAINING = operator.attrgetter("training")
+# _TRAINING_FORWARD: a fused module about to run in training mode drops its plan and folds (refold). Its
+# BatchNorms update their running statistics in place inside the batch_norm kernel, which bumps no
+# version counter; their num_batches_tracked increment does (fold.conv_bn_tensors stamps it), but a BN
+# may have no counter. Cheap (references dropped); the next eval forward folds again. Not while Dynamo
+# traces (nothing runs then, and the compiled graph writes the statistics back with copy_, which bumps).
+_compiling = torch.compiler.is_compiling
 _EPS = operator.attrgetter("eps")
 _VERSION = operator.attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
@@ -205,9 +212,7 @@ def _sources(conv: nn.Module, bn: nn.Module | None) -> list[tuple[dict, str]] | 
     """Where each tensor of ``conv_bn_tensors(conv, bn)`` lives (its module's ``_parameters`` or
     ``_buffers`` dict and name), so that a plan fetches them again with one C-level loop; None if one
     is not a registered parameter or buffer (a plan then cannot see it replaced: no plan)."""
-    owners = [(conv, "weight"), (conv, "bias")]
-    if bn is not None:
-        owners += [(bn, "weight"), (bn, "bias"), (bn, "running_mean"), (bn, "running_var")]
+    owners = conv_bn_sources(conv, bn)
     out = []
     for (module, name), tensor in zip(owners, conv_bn_tensors(conv, bn), strict=True):
         where = module._parameters if name in module._parameters else module._buffers
@@ -217,19 +222,81 @@ def _sources(conv: nn.Module, bn: nn.Module | None) -> list[tuple[dict, str]] | 
     return out
 
 
+class _FoldState:
+    """What a plan's folds and decision read, as it was when the plan was made, in flat lists that one
+    C-level loop each compares again (``holds``): the training flag of every module the decision reads,
+    the fp32 dot mode (fp32 plans only), every folded tensor (the same object in its module's
+    ``_parameters``/``_buffers``, the same version and data pointer: ``fold.TensorStamps``), every BN eps,
+    every activation's settings, and the children of every module tree. ``concat`` joins several plans'
+    states into one, so that a ``FusedStage`` checks all its blocks with one set of loops."""
+
+    __slots__ = (
+        "modules", "precisions", "dicts", "names", "tensors", "versioned", "versions", "pointed", "pointers",
+        "bns", "eps", "acts", "act_keys", "trees", "children",
+    )
+
+    @classmethod
+    def of(cls, modules, precision, sources, stamps, bns, acts, trees) -> _FoldState:
+        new = cls()
+        new.modules = tuple(modules)  # every module whose training flag the decision reads
+        new.precisions = [] if precision is None else [precision]
+        new.dicts = [d for d, _ in sources]
+        new.names = [n for _, n in sources]
+        new.tensors = [d.get(n) for d, n in sources]
+        new.versioned, new.versions = stamps.versioned, stamps.versions
+        new.pointed, new.pointers = stamps.tensors, stamps.pointers
+        new.bns = list(bns)
+        new.eps = list(map(_EPS, new.bns))
+        new.acts = list(acts)  # activation modules the launches apply: their settings must hold too
+        new.act_keys = list(map(activations.key, new.acts))
+        new.trees = tuple(trees)  # modules whose children must stay the same objects
+        new.children = list(map(tuple, map(dict.values, map(_CHILDREN, new.trees))))
+        return new
+
+    @classmethod
+    def concat(cls, states) -> _FoldState:
+        new = cls()
+        for name in cls.__slots__:
+            parts = [getattr(st, name) for st in states]
+            joined = [v for part in parts for v in part]
+            setattr(new, name, tuple(joined) if isinstance(parts[0], tuple) else joined)
+        new.precisions = sorted(set(new.precisions))
+        return new
+
+    def holds(self) -> bool:
+        """Nothing in training mode, and every fold is still what a fold now would give."""
+        return (
+            not any(map(_TRAINING, self.modules))
+            and all(fp32_precision() == p for p in self.precisions)
+            and all(map(operator.is_, map(dict.get, self.dicts, self.names), self.tensors))
+            # fold.TensorStamps.unchanged(), over these lists
+            and list(map(_VERSION, self.versioned)) == self.versions
+            and list(map(_DATA_PTR, self.pointed)) == self.pointers
+            and list(map(_EPS, self.bns)) == self.eps
+            and list(map(activations.key, self.acts)) == self.act_keys
+            and list(map(tuple, map(dict.values, map(_CHILDREN, self.trees)))) == self.children
+        )
+
+    def __deepcopy__(self, memo):
+        return None  # like _Plan's: a copy plans again
+
+    def __reduce__(self):
+        return (type(None), ())
+
+
 class _Plan:
     """What a fused module decided on its first fused call, kept while it holds: the input signature it
-    was made for, the tensors its folds read (identity, fetched again from their modules; their stamps)
-    and every eps, the module tree and precision; ``run(x)`` launches the prepared kernels.
+    was made for and the state of everything its folds and decision read (``_FoldState``: the tensors'
+    identity, versions and memory, every eps and activation setting, the module trees, the precision);
+    ``run(x)`` launches the prepared kernels.
 
     ``ready(x)`` is the whole per-forward check of the fast path: no gradient mode, no tracing, no
     autocast, nothing in training mode, the same signature (dtype, shape, strides, device, 16-byte
     alignment: what Triton specialised on) and folds that are not stale."""
 
     __slots__ = (
-        "run", "shape", "stride", "dtype", "device", "device_type", "aligned", "precision", "modules",
-        "trees", "children", "dicts", "names", "tensors", "stamps", "bns", "eps", "output_size", "acts",
-        "act_keys", "run_owned",
+        "run", "shape", "stride", "dtype", "device", "device_type", "aligned", "stamps", "state", "modules",
+        "acts", "act_keys", "output_size", "run_owned",
     )
 
     def __init__(self, run, x: torch.Tensor, modules, trees, pairs, sources, acts=(), run_owned=None) -> None:
@@ -240,43 +307,30 @@ class _Plan:
         self.device_type = x.device.type
         self.aligned = x.data_ptr() % 16 == 0
         # The fp32 dot mode decides fp32 folds and launches only: other dtypes do not read it per forward.
-        self.precision = fp32_precision() if x.dtype == torch.float32 else None
-        self.modules = tuple(modules)  # every module whose training flag the decision reads
-        self.trees = tuple(trees)  # modules whose children must stay the same objects
-        self.children = list(map(tuple, map(dict.values, map(_CHILDREN, self.trees))))
-        self.dicts = [d for d, _ in sources]
-        self.names = [n for _, n in sources]
-        self.tensors = [d.get(n) for d, n in sources]
-        self.stamps = TensorStamps(self.tensors)
-        self.bns = [bn for _, bn in pairs if bn is not None]
-        self.eps = list(map(_EPS, self.bns))
-        self.acts = list(acts)  # activation modules the launches apply: their settings must hold too
-        self.act_keys = list(map(activations.key, self.acts))
+        precision = fp32_precision() if x.dtype == torch.float32 else None
+        self.stamps = TensorStamps([d.get(n) for d, n in sources])  # holds the storages (see its docstring)
+        bns = [bn for _, bn in pairs if bn is not None]
+        self.state = _FoldState.of(modules, precision, sources, self.stamps, bns, acts, trees)
+        self.modules = self.state.modules
+        self.acts, self.act_keys = self.state.acts, self.state.act_keys
 
-    def matches(self, x: torch.Tensor) -> bool:
-        """Same signature, and every fold the plan holds is still what a fold now would give."""
+    def set_modules(self, modules) -> None:
+        """Every module whose training flag the decision reads (a stem adds its pool)."""
+        self.modules = self.state.modules = tuple(modules)
+
+    def signature_ok(self, x: torch.Tensor) -> bool:
+        """The input's dtype, shape, strides, device and 16-byte alignment are the plan's."""
         return (
             x.dtype is self.dtype
             and x.shape == self.shape
             and x.stride() == self.stride
             and x.device == self.device
             and (x.data_ptr() % 16 == 0) is self.aligned
-            and self._folds_hold()
         )
 
-    def _folds_hold(self) -> bool:
-        """The fp32 dot mode, every folded tensor (same object in its module, same version and memory),
-        every eps and activation setting, and the module trees are as they were when the plan was made."""
-        stamps = self.stamps
-        return (
-            (self.precision is None or fp32_precision() == self.precision)
-            and all(map(operator.is_, map(dict.get, self.dicts, self.names), self.tensors))
-            and list(map(_VERSION, stamps.versioned)) == stamps.versions  # stamps.unchanged(), inline
-            and list(map(_DATA_PTR, stamps.tensors)) == stamps.pointers
-            and list(map(_EPS, self.bns)) == self.eps
-            and list(map(activations.key, self.acts)) == self.act_keys
-            and list(map(tuple, map(dict.values, map(_CHILDREN, self.trees)))) == self.children
-        )
+    def matches(self, x: torch.Tensor) -> bool:
+        """Same signature, and every fold the plan holds is still what a fold now would give."""
+        return self.signature_ok(x) and self.state.holds()
 
     def __deepcopy__(self, memo):
         return None  # a copy plans again from its own tensors
@@ -293,17 +347,9 @@ class _Plan:
         return plain_inference(x) and self.holds(x)
 
     def holds(self, x) -> bool:
-        """``ready(x)`` once ``plain_inference(x)`` is known to hold (``FusedStage`` checks it once for all
-        its blocks): nothing in training mode, the same signature, folds that are not stale."""
-        return (
-            not any(map(_TRAINING, self.modules))
-            and x.dtype is self.dtype
-            and x.shape == self.shape
-            and x.stride() == self.stride
-            and x.device == self.device
-            and (x.data_ptr() % 16 == 0) is self.aligned
-            and self._folds_hold()
-        )
+        """``ready(x)`` once ``plain_inference(x)`` is known to hold: the same signature, nothing in training
+        mode, folds that are not stale."""
+        return self.signature_ok(x) and self.state.holds()
 
     def fuses(self, x) -> bool:
         """True only if the plan's module fuses now for an input like ``x`` (its dtype and device): what
@@ -517,6 +563,8 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         xc, cast = autocast_input(x)
         check_input(self, xc, self.in_channels, self.weight.dtype, self.weight.device, autocast=cast)
         if not self.fuses(xc):
+            if (self.training or (self._bn is not None and self._bn.training)) and not _compiling():
+                refold(self)  # its BN may move its statistics unseen: see _TRAINING_FORWARD
             return super().forward(x)
         if not cast and _plannable(xc):
             if plan is None or not plan.matches(xc):
@@ -704,7 +752,7 @@ class FusedStem(FusedConvBNAct2d):
         pool, _ = prepare(y, _pair(p.kernel_size), _pair(p.stride), _pair(p.padding))
         # The pool's settings are read when the plan is made: a plan holds while its module tree does.
         plan.run = lambda x: pool(conv(x))
-        plan.modules += (p,)
+        plan.set_modules(plan.modules + (p,))
         return plan
 
     def extra_repr(self) -> str:
@@ -863,6 +911,8 @@ class _FusedBlock(_FoldedMixin, nn.Module):
         xc, cast = autocast_input(x)
         check_input(self, xc, conv1.in_channels, conv1.weight.dtype, conv1.weight.device, autocast=cast)
         if not self.fuses(xc):
+            if any(m.training for m in self.modules()) and not _compiling():
+                refold(self)  # its BNs may move their statistics unseen: see _TRAINING_FORWARD
             return self._source_cls.forward(self, x)
         if not cast and _plannable(xc):
             if plan is None or not plan.matches(xc):
@@ -989,25 +1039,57 @@ class FusedStage(nn.Sequential):
             for block in blocks:
                 x = block(x)
             return x
-        # No hook can see a block's call, and the mode was checked once here: a block whose plan holds
-        # runs it directly (module → plan → kernels, no nn.Module call); any other block is called.
-        owned = False  # whether y was made by this forward (x is the caller's: never written)
+        # No hook can see a block's call, and the mode was checked once here: block plans run directly
+        # (module → plan → kernels, no nn.Module call).
+        plans = [b.__dict__.get("_plan") for b in blocks]
         cpu = x.is_cpu
+        check = self.__dict__.get("_check")
+        if check is not None and check.plans == plans and plans[0].signature_ok(x) and check.state.holds():
+            # The chain this check was made on (_StageCheck), its folds all holding: from the first block's
+            # input on, each plan's output is what the next plan was made for. On the CPU path each block
+            # after the first writes its output over its input, which this forward made.
+            y = plans[0].run(x)
+            for plan in plans[1:]:
+                y = plan.run_owned(y) if cpu and plan.run_owned is not None else plan.run(y)
+            return y
+        owned = False  # whether y was made by this forward (x is the caller's: never written)
+        chained = True  # whether every block ran its plan, on the previous plan's output
         y = x
-        for block in blocks:
-            plan = block.__dict__.get("_plan")
+        for block, plan in zip(blocks, plans, strict=True):
             if plan is not None and plan.holds(y):
-                if owned and plan.run_owned is not None:
-                    y = plan.run_owned(y)  # the block's output goes over its input (CPU path)
-                else:
-                    y = plan.run(y)
+                y = plan.run_owned(y) if owned and plan.run_owned is not None else plan.run(y)
             else:
                 y = block(y)
+                chained = False
             owned = cpu
+        if chained:
+            self.__dict__["_check"] = _StageCheck(plans)
         return y
 
     def extra_repr(self) -> str:
         return "identity shortcuts added in place between its blocks (CPU path, eval)"
+
+
+class _StageCheck:
+    """The block plans a ``FusedStage`` ran as a chain (each on the previous plan's output, the first on
+    the stage input) and their fold states joined (``_FoldState.concat``): later forwards check the first
+    block's input signature and every block's folds at once, not each block's. Sound because a plan's
+    output has a fixed dtype, shape, strides and device for its input signature, and fresh outputs are
+    16-byte aligned (PyTorch's CPU allocator aligns to 64 bytes, the CUDA caching allocator to 512), or
+    are the block's own input (written in place): each next plan's signature holds as it did in the
+    chain. Plans are compared by identity: a block that planned again breaks the check."""
+
+    __slots__ = ("plans", "state")
+
+    def __init__(self, plans) -> None:
+        self.plans = list(plans)
+        self.state = _FoldState.concat([p.state for p in plans])
+
+    def __deepcopy__(self, memo):
+        return None  # a copy's blocks plan again
+
+    def __reduce__(self):
+        return (type(None), ())
 
 
 def _forward_hooks(blocks) -> bool:

@@ -179,11 +179,12 @@ class BoundLaunch:
         )
 
     def __call__(self, args: list) -> None:
+        # The prepared launches (ConvLaunch, EpilogueLaunch, PoolLaunch) run these two lines inline.
         fast = self.fast
         if fast is None or not fast(args):
-            self._generic(args)
+            self.launch(args)
 
-    def _generic(self, args: list) -> None:
+    def launch(self, args: list) -> None:
         """The launch through Triton's own path (``launchable(kernel)[grid]``); binds on the first."""
         compiled = self.compiled
         if compiled is not None and self._bindable() and self.knobs == _knob_state():

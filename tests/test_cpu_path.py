@@ -328,6 +328,79 @@ STAGE_SCRIPT = textwrap.dedent('''
 ''')
 
 
+# FusedStage's one check per stage (_StageCheck): once its blocks have run as a chain of plans, a forward
+# checks the first block's input signature and every block's folds at once. Every edit the per-block check
+# sees must still be seen, in any block of the stage, and a stage whose blocks no longer chain must fall
+# back to the per-block path.
+STAGE_CHECK_SCRIPT = textwrap.dedent('''
+    import torch, torchvision
+    from torch import nn
+    import fastres
+    from fastres import modules
+    from fastres.kernels._common import INTERPRET
+    from fastres.testing import randomize_bn, rel_err
+    assert not INTERPRET
+    torch.manual_seed(0)
+    m = randomize_bn(torchvision.models.resnet50(num_classes=10)).eval()
+    f = fastres.convert(m)
+    x = torch.randn(2, 3, 64, 64)
+
+    def same(what, inp=x):
+        with torch.no_grad():
+            ref = m(inp)
+        with torch.inference_mode():
+            out = f(inp)
+        assert rel_err(out, ref) < 1e-4, (what, rel_err(out, ref))
+
+    def both(edit):
+        with torch.no_grad():
+            edit(m)
+            edit(f)
+
+    same("first")
+    same("second")
+    for name, n in (("layer1", 3), ("layer2", 4), ("layer3", 6), ("layer4", 3)):
+        check = getattr(f, name).__dict__.get("_check")
+        assert type(check) is modules._StageCheck and len(check.plans) == n, name
+
+    # Steady state: no block's own check runs (the stage checked them all at once).
+    stages = [getattr(f, n) for n in ("layer1", "layer2", "layer3", "layer4")]
+    block_plans = {id(b.__dict__["_plan"]) for stage in stages for b in stage}
+    assert len(block_plans) == 16
+    holds = modules._Plan.holds
+
+    def forbidden(self, x):
+        assert id(self) not in block_plans, "a block's own check in the steady state"
+        return holds(self, x)
+
+    modules._Plan.holds = forbidden
+    try:
+        same("steady")
+    finally:
+        modules._Plan.holds = holds
+
+    # Edits deep inside a stage, each seen on the next forward.
+    both(lambda k: k.layer3[4].bn2.running_var.mul_(1.5))
+    same("in-place running_var, layer3[4]")
+    w = f.layer2[3].conv2.weight.detach().clone() * 0.9
+    both(lambda k: setattr(k.layer2[3].conv2.weight, "data", w.clone()))
+    same(".data = new memory, layer2[3].conv2")
+    both(lambda k: setattr(k.layer4[2].bn3, "eps", 0.1))
+    same("eps, layer4[2].bn3")
+    both(lambda k: setattr(k.layer1[2], "relu", nn.Hardtanh(0.0, 6.0)))
+    same("activation module replaced, layer1[2]")
+    both(lambda k: setattr(k.layer3[5].bn1, "weight", nn.Parameter(k.layer3[5].bn1.weight.detach() * 2)))
+    same("parameter replaced, layer3[5].bn1")
+    both(lambda k: k.layer2[1].bn1.train())
+    same("a BN in training mode, layer2[1]")
+    both(lambda k: k.layer2[1].bn1.eval())
+    same("back in eval")
+    same("another input signature", torch.randn(1, 3, 64, 64))
+    same("the first signature again")
+    print("OK")
+''')
+
+
 def _run(script: str):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
@@ -352,3 +425,7 @@ def test_cpu_plans_call_the_cpu_path_directly_and_give_the_ops_bits():
 
 def test_fused_stage_adds_identity_shortcuts_in_place_only_over_its_own_tensors():
     _run(STAGE_SCRIPT)
+
+
+def test_fused_stage_checks_its_blocks_at_once_and_sees_every_edit():
+    _run(STAGE_CHECK_SCRIPT)

@@ -172,6 +172,49 @@ def check_refold(name: str) -> None:
     assert_close(_forward(run, fused, x), ref, **FP32, what=f"{name}: .data writes, then refold()")
 
 
+def check_training_forward(name: str, counter: bool = True) -> None:
+    """A training-mode forward between two eval forwards: BatchNorm's kernel moves the running statistics
+    in place without bumping their version counters, so the next eval forward must see it another way:
+    the BN's ``num_batches_tracked``, whose increment does bump (also when a BN is called on its own, not
+    through the fused module), and without that counter, the fused module that ran in training mode drops
+    its folds."""
+    eager, fused, pairs, x, run = _build(name)
+    if not counter:
+        for model in (eager, fused):
+            for _, bn in pairs:
+                model.get_submodule(bn).num_batches_tracked = None
+    _forward(run, fused, x)
+    ref_before = _forward(run, eager, x)
+    for model in (eager, fused):
+        model.train()
+        run(model, x * 2 + 1)  # with gradients, as a training step would
+        model.eval()
+    ref = _forward(run, eager, x)
+    assert rel_err(ref, ref_before) > MIN_CHANGE, f"{name}: the training forward barely moved the statistics"
+    what = f"{name}: eval after training ({'with' if counter else 'without'} the counter)"
+    assert_close(_forward(run, fused, x), ref, **FP32, what=what)
+    if not counter:
+        return
+    for _, bn in pairs:  # one BN in training mode, called on its own
+        ref_before = ref
+        t = torch.randn(2, eager.get_submodule(bn).num_features, 4, 4) * 3 + 1
+        for model in (eager, fused):
+            module = model.get_submodule(bn)
+            module.train()
+            with torch.no_grad():
+                module(t)
+            module.eval()
+        ref = _forward(run, eager, x)
+        assert rel_err(ref, ref_before) > MIN_CHANGE, f"{name}: {bn} on its own barely moved"
+        assert_close(_forward(run, fused, x), ref, **FP32, what=f"{name}: eval after {bn} trained on its own")
+
+
+@pytest.mark.parametrize("counter", [True, False])
+@pytest.mark.parametrize("name", list(CASES))
+def test_training_forward_then_eval_refolds(name, counter):
+    check_training_forward(name, counter)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_in_place_edits_refold(name):
     assert check_edits(name) == 7 * len(CASES[name][5])
@@ -192,6 +235,8 @@ CPU_PATH = textwrap.dedent("""
     for name in g.CASES:
         edits += g.check_edits(name)
         g.check_refold(name)
+        g.check_training_forward(name, True)
+        g.check_training_forward(name, False)
     print("OK", edits)
 """)
 
