@@ -1062,7 +1062,7 @@ class FusedStage(nn.Sequential):
                 y = block(y)
                 chained = False
             owned = cpu
-        if chained:
+        if chained and plans:
             self.__dict__["_check"] = _StageCheck(plans)
         return y
 
