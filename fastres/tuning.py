@@ -376,9 +376,11 @@ def _summary(c: Candidate) -> str:
 
 
 def _entry(cands: list[Candidate], device: torch.device) -> _ktuning.Entry | None:
-    """The table entry from the timed candidates: the fastest, the runner-up (the fastest of another tactic,
-    else the second-fastest config), each tactic's best, and cuDNN's time (measured on CUDA only)."""
-    timed = sorted((c for c in cands if c.ms is not None), key=lambda c: c.ms)
+    """The table entry from the timed candidates: the fastest (by ``kernels.tuning.launch_score``: a split
+    must beat the host's floor for its second launch), the runner-up (the fastest of another tactic, else
+    the second-fastest config), each tactic's best, and cuDNN's time (measured on CUDA only)."""
+    score = _ktuning.launch_score
+    timed = sorted((c for c in cands if c.ms is not None), key=lambda c: score(c.config, c.ms))
     if not timed:
         return None
     best = timed[0]

@@ -176,6 +176,27 @@ def test_a_dual_gemm_layer_is_checked_against_its_shortcut(tmp_path):
     assert "tma_gemm" not in {t for t, _ in fakes.timed} and "gather" in {t for t, _ in fakes.timed}
 
 
+def test_the_entry_takes_a_split_only_past_the_hosts_floor():
+    """The tuner ranks timed candidates as pick_config ranks predictions: the longer of the kernel time
+    and the launches' host time (HOST_LAUNCH_S each, a split has two). At batch-1 sizes a split measured
+    0.5 µs faster is not taken; where it saves more than its second launch costs the host, it is."""
+    from fastres.kernels.conv import HOST_LAUNCH_S
+    from fastres.tuning import Candidate, _entry
+
+    one = ConvConfig(64, 64, 64)
+    split = ConvConfig(64, 64, 64, split_k=4)
+    floor_ms = HOST_LAUNCH_S * 1e3
+    near = [Candidate("gather", one, ms=1.5 * floor_ms), Candidate("gather", split, ms=1.5 * floor_ms - 5e-4)]
+    assert _entry(near, torch.device("cpu")).config == one
+    far = [Candidate("gather", one, ms=4 * floor_ms), Candidate("gather", split, ms=2.5 * floor_ms)]
+    entry = _entry(far, torch.device("cpu"))
+    assert entry.config == split and entry.runner_up.config == one
+    big = [Candidate("gather", one, ms=1.0), Candidate("gather", split, ms=0.9)]  # batch 32: the GPU decides
+    assert _entry(big, torch.device("cpu")).config == split
+    assert ktuning.launch_score(split, 0.9) == (0.9, 0.9)
+    assert ktuning.launch_score(split, 1e-3) == (2 * floor_ms, 1e-3)
+
+
 def test_tune_layers_needs_a_timer_off_the_gpu(tmp_path):
     with pytest.raises(RuntimeError, match="timer="):
         tune_layers(three_layers(), tmp_path, device="cpu", arch="sm_90")
