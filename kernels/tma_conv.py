@@ -57,15 +57,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._act import _apply_act, _round_tf32, act_code
+from ._act import act_code
 from ._common import INTERPRET, check_tensor, launchable, next_pow2, tl_dtype_ok, unused_pointer
 from .conv import TF32_ROUND_DEVICE_TYPES, _default_precision, conv_output_size
 from .tma_gemm import (
     TMA_ALIGN,
+    _aligned,
     _ensure_allocator,
     _is_nhwc_rows,
     _num_sms,
-    _pixel_box_ptrs,
+    _pair,
+    _pixel_box_epilogue,
     _pixel_box_tile,
     descriptors_available,
 )
@@ -200,6 +202,8 @@ def _conv3x3_bias_act_fwd_kernel(
         block_shape=[1, BLOCK_K, BLOCK_N],
     )
     row_o = Q.to(tl.int64) * C_OUT
+    r_desc = None
+    o_desc = None
     if RES_DESC:
         r_desc = tl.make_tensor_descriptor(
             res_ptr,
@@ -233,38 +237,12 @@ def _conv3x3_bias_act_fwd_kernel(
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
         # Epilogue in fp32: + bias, + residual, activation, one store.
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < C_OUT, other=0.0)[None, :]
-        if HAS_RESIDUAL:
-            if RES_DESC:
-                acc += r_desc.load([img, h0, w0, off_n]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
-            else:
-                r_ptrs, r_mask = _pixel_box_ptrs(
-                    res_ptr, img, h0, w0, off_n, P, Q, C_OUT, stride_rn, stride_rh, stride_rw, stride_rc,
-                    BLOCK_M, BLOCK_N, BLOCK_W,
-                )
-                acc += tl.load(r_ptrs, mask=r_mask, other=0.0).to(tl.float32)
-        acc = _apply_act(acc, ACT, act_a, act_b)
-        if ROUND_TF32:
-            acc = _round_tf32(acc)
-        if OUT_DESC:
-            # The copy engine writes only the part of the box inside [BATCH, P, Q, C_OUT]: each element once.
-            tile_out = acc.to(out_ptr.dtype.element_ty).reshape(1, BLOCK_H, BLOCK_W, BLOCK_N)
-            o_desc.store([img, h0, w0, off_n], tile_out)
-        else:
-            o_ptrs, o_mask = _pixel_box_ptrs(
-                out_ptr, img, h0, w0, off_n, P, Q, C_OUT, stride_on, stride_oh, stride_ow, stride_oc,
-                BLOCK_M, BLOCK_N, BLOCK_W,
-            )
-            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(int(i) for i in v)
-
-
-def _aligned(t: torch.Tensor, row_elems: int) -> bool:
-    return t.data_ptr() % TMA_ALIGN == 0 and (row_elems * t.element_size()) % TMA_ALIGN == 0
+        _pixel_box_epilogue(
+            acc, bias_ptr, res_ptr, out_ptr, r_desc, o_desc, img, h0, w0, off_n, P, Q, C_OUT,
+            stride_rn, stride_rh, stride_rw, stride_rc, stride_on, stride_oh, stride_ow, stride_oc,
+            act_a, act_b, HAS_RESIDUAL, RES_DESC, OUT_DESC, ACT, ROUND_TF32,
+            BLOCK_M, BLOCK_N, BLOCK_H, BLOCK_W,
+        )
 
 
 def _is_packed(w: torch.Tensor) -> bool:

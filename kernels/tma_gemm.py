@@ -165,6 +165,45 @@ def _pixel_box_ptrs(
     return ptrs, mask
 
 
+@triton.jit
+def _pixel_box_epilogue(
+    acc, bias_ptr, res_ptr, out_ptr, r_desc, o_desc, img, h0, w0, off_n, P, Q, C_OUT,
+    stride_rn, stride_rh, stride_rw, stride_rc, stride_on, stride_oh, stride_ow, stride_oc, act_a, act_b,
+    HAS_RESIDUAL: tl.constexpr, RES_DESC: tl.constexpr, OUT_DESC: tl.constexpr, ACT: tl.constexpr,
+    ROUND_TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """The box kernels' epilogue for the tile at (img, h0, w0, off_n), in fp32: + bias, + residual (its
+    box through ``r_desc``, else masked pointers), activation, tf32 rounding, one store (``o_desc``'s box,
+    else masked pointers). ``r_desc`` / ``o_desc``: the kernel's descriptors, built once per program, or
+    None where ``RES_DESC`` / ``OUT_DESC`` is off. This file's strided 1×1 kernel and ``tma_conv`` share
+    it."""
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    acc += tl.load(bias_ptr + offs_n, mask=offs_n < C_OUT, other=0.0)[None, :]
+    if HAS_RESIDUAL:
+        if RES_DESC:
+            acc += r_desc.load([img, h0, w0, off_n]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
+        else:
+            r_ptrs, r_mask = _pixel_box_ptrs(
+                res_ptr, img, h0, w0, off_n, P, Q, C_OUT, stride_rn, stride_rh, stride_rw, stride_rc,
+                BLOCK_M, BLOCK_N, BLOCK_W,
+            )
+            acc += tl.load(r_ptrs, mask=r_mask, other=0.0).to(tl.float32)
+    acc = _apply_act(acc, ACT, act_a, act_b)
+    if ROUND_TF32:
+        acc = _round_tf32(acc)
+    if OUT_DESC:
+        # The copy engine writes only the part of the box inside [BATCH, P, Q, C_OUT]: each element once.
+        tile_out = acc.to(out_ptr.dtype.element_ty).reshape(1, BLOCK_H, BLOCK_W, BLOCK_N)
+        o_desc.store([img, h0, w0, off_n], tile_out)
+    else:
+        o_ptrs, o_mask = _pixel_box_ptrs(
+            out_ptr, img, h0, w0, off_n, P, Q, C_OUT, stride_on, stride_oh, stride_ow, stride_oc,
+            BLOCK_M, BLOCK_N, BLOCK_W,
+        )
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
 def use_warp_specialize(cfg: TmaGemmConfig) -> bool:
     """The WARP_SPECIALIZE constexpr for ``cfg``: its field, forced off where tl.range lacks the argument."""
     return bool(cfg.warp_specialize) and WARP_SPECIALIZE_AVAILABLE
@@ -351,6 +390,8 @@ def _conv1x1_strided_bias_act_fwd_kernel(
         w_ptr, shape=[C_IN, C_OUT], strides=[C_OUT, 1], block_shape=[BLOCK_K, BLOCK_N]
     )
     row_o = Q.to(tl.int64) * C_OUT
+    r_desc = None
+    o_desc = None
     if RES_DESC:
         r_desc = tl.make_tensor_descriptor(
             res_ptr,
@@ -385,30 +426,12 @@ def _conv1x1_strided_bias_act_fwd_kernel(
                 acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
         # Epilogue in fp32: + bias, + residual, activation, one store.
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < C_OUT, other=0.0)[None, :]
-        if HAS_RESIDUAL:
-            if RES_DESC:
-                acc += r_desc.load([img, h0, w0, off_n]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
-            else:
-                r_ptrs, r_mask = _pixel_box_ptrs(
-                    res_ptr, img, h0, w0, off_n, P, Q, C_OUT, stride_rn, stride_rh, stride_rw, stride_rc,
-                    BLOCK_M, BLOCK_N, BLOCK_W,
-                )
-                acc += tl.load(r_ptrs, mask=r_mask, other=0.0).to(tl.float32)
-        acc = _apply_act(acc, ACT, act_a, act_b)
-        if ROUND_TF32:
-            acc = _round_tf32(acc)
-        if OUT_DESC:
-            # The copy engine writes only the part of the box inside [BATCH, P, Q, C_OUT]: each element once.
-            tile_out = acc.to(out_ptr.dtype.element_ty).reshape(1, BLOCK_H, BLOCK_W, BLOCK_N)
-            o_desc.store([img, h0, w0, off_n], tile_out)
-        else:
-            o_ptrs, o_mask = _pixel_box_ptrs(
-                out_ptr, img, h0, w0, off_n, P, Q, C_OUT, stride_on, stride_oh, stride_ow, stride_oc,
-                BLOCK_M, BLOCK_N, BLOCK_W,
-            )
-            tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
+        _pixel_box_epilogue(
+            acc, bias_ptr, res_ptr, out_ptr, r_desc, o_desc, img, h0, w0, off_n, P, Q, C_OUT,
+            stride_rn, stride_rh, stride_rw, stride_rc, stride_on, stride_oh, stride_ow, stride_oc,
+            act_a, act_b, HAS_RESIDUAL, RES_DESC, OUT_DESC, ACT, ROUND_TF32,
+            BLOCK_M, BLOCK_N, BLOCK_H, BLOCK_W,
+        )
 
 
 def descriptors_available() -> str | None:
