@@ -170,10 +170,10 @@ _STORAGE = torch.Tensor.untyped_storage
 
 
 class TensorStamps:
-    """What a launch plan checks of the tensors its folds read on every forward (DESIGN.md, The hot
-    path), with C-level loops (``map``) instead of one Python call per tensor: each tensor's version
-    (none for inference tensors) and data pointer. Identity is the caller's to check (it fetches the
-    tensors from their modules again).
+    """The state a launch plan checks of the tensors its folds read on every forward (DESIGN.md, The hot
+    path): each tensor's version (none for inference tensors) and data pointer, as lists that the plan
+    compares again with C-level loops (``modules._FoldState.holds``). Identity is the caller's to check
+    (it fetches the tensors from their modules again).
 
     The stamps hold a reference to each tensor's storage as it was, so that memory cannot be freed and
     handed to another tensor while the stamps live: an equal data pointer then means the same storage.
@@ -190,12 +190,6 @@ class TensorStamps:
         self.storages = tuple(map(_STORAGE, self.tensors))  # kept alive: see the class docstring
         self.versions = list(map(_VERSION, self.versioned))
         self.pointers = list(map(_DATA_PTR, self.tensors))
-
-    def unchanged(self) -> bool:
-        # A launch plan runs this expression inline (modules._Plan._folds_hold): keep the two alike.
-        return list(map(_VERSION, self.versioned)) == self.versions and (
-            list(map(_DATA_PTR, self.tensors)) == self.pointers
-        )
 
 
 class FoldCache:

@@ -131,7 +131,6 @@ _TRAINING = operator.attrgetter("training")
 # version counter; their num_batches_tracked increment does (fold.conv_bn_tensors stamps it), but a BN
 # may have no counter. Cheap (references dropped); the next eval forward folds again. Not while Dynamo
 # traces (nothing runs then, and the compiled graph writes the statistics back with copy_, which bumps).
-_compiling = torch.compiler.is_compiling
 _EPS = operator.attrgetter("eps")
 _VERSION = operator.attrgetter("_version")
 _DATA_PTR = torch.Tensor.data_ptr
@@ -157,11 +156,9 @@ def plain_inference(x) -> bool:
     tracing, and no autocast (for any device type: a stricter rule than the input's device, and one C
     call; under autocast for another device the full decision runs, and may still use the plan)."""
     return (
-        not torch.compiler.is_compiling()  # first: Dynamo folds it, and traces none of the calls after it
+        not _tracing()  # first: under Dynamo it folds to True and nothing after it is traced
         and type(x) is torch.Tensor
         and not torch.is_grad_enabled()
-        and torch._C._get_tracing_state() is None
-        and not torch._C._len_torch_dispatch_stack()
         and not (_ANY_AUTOCAST() if _ANY_AUTOCAST is not None else _autocast_any(x))
     )
 
@@ -269,7 +266,6 @@ class _FoldState:
             not any(map(_TRAINING, self.modules))
             and all(fp32_precision() == p for p in self.precisions)
             and all(map(operator.is_, map(dict.get, self.dicts, self.names), self.tensors))
-            # fold.TensorStamps.unchanged(), over these lists
             and list(map(_VERSION, self.versioned)) == self.versions
             and list(map(_DATA_PTR, self.pointed)) == self.pointers
             and list(map(_EPS, self.bns)) == self.eps
@@ -295,8 +291,8 @@ class _Plan:
     alignment: what Triton specialised on) and folds that are not stale."""
 
     __slots__ = (
-        "run", "shape", "stride", "dtype", "device", "device_type", "aligned", "stamps", "state", "modules",
-        "acts", "act_keys", "output_size", "run_owned",
+        "run", "shape", "stride", "dtype", "device", "aligned", "stamps", "state",
+        "output_size", "run_owned",
     )
 
     def __init__(self, run, x: torch.Tensor, modules, trees, pairs, sources, acts=(), run_owned=None) -> None:
@@ -304,19 +300,12 @@ class _Plan:
         # run_owned(x): run(x) for an input the caller owns, which the launches may overwrite (FusedStage)
         self.run_owned = run_owned
         self.shape, self.stride, self.dtype, self.device = x.shape, x.stride(), x.dtype, x.device
-        self.device_type = x.device.type
         self.aligned = x.data_ptr() % 16 == 0
         # The fp32 dot mode decides fp32 folds and launches only: other dtypes do not read it per forward.
         precision = fp32_precision() if x.dtype == torch.float32 else None
         self.stamps = TensorStamps([d.get(n) for d, n in sources])  # holds the storages (see its docstring)
         bns = [bn for _, bn in pairs if bn is not None]
         self.state = _FoldState.of(modules, precision, sources, self.stamps, bns, acts, trees)
-        self.modules = self.state.modules
-        self.acts, self.act_keys = self.state.acts, self.state.act_keys
-
-    def set_modules(self, modules) -> None:
-        """Every module whose training flag the decision reads (a stem adds its pool)."""
-        self.modules = self.state.modules = tuple(modules)
 
     def signature_ok(self, x: torch.Tensor) -> bool:
         """The input's dtype, shape, strides, device and 16-byte alignment are the plan's."""
@@ -340,7 +329,7 @@ class _Plan:
 
     def _mode_ok(self, x) -> bool:
         """A plain tensor, no gradients, no tracing, no autocast, nothing in training mode."""
-        return plain_inference(x) and not any(map(_TRAINING, self.modules))
+        return plain_inference(x) and not any(map(_TRAINING, self.state.modules))
 
     def ready(self, x) -> bool:
         """The whole per-forward check of the fast path: ``_mode_ok(x) and matches(x)``."""
@@ -360,7 +349,7 @@ class _Plan:
             and x.dtype is self.dtype
             and x.device == self.device
             and not torch.onnx.is_in_onnx_export()
-            and list(map(activations.key, self.acts)) == self.act_keys
+            and list(map(activations.key, self.state.acts)) == self.state.act_keys
         )
 
 
@@ -563,7 +552,8 @@ class FusedConvBNAct2d(_FoldedMixin, nn.Conv2d):
         xc, cast = autocast_input(x)
         check_input(self, xc, self.in_channels, self.weight.dtype, self.weight.device, autocast=cast)
         if not self.fuses(xc):
-            if (self.training or (self._bn is not None and self._bn.training)) and not _compiling():
+            training = self.training or (self._bn is not None and self._bn.training)
+            if training and not torch.compiler.is_compiling():
                 refold(self)  # its BN may move its statistics unseen: see _TRAINING_FORWARD
             return super().forward(x)
         if not cast and _plannable(xc):
@@ -752,7 +742,7 @@ class FusedStem(FusedConvBNAct2d):
         pool, _ = prepare(y, _pair(p.kernel_size), _pair(p.stride), _pair(p.padding))
         # The pool's settings are read when the plan is made: a plan holds while its module tree does.
         plan.run = lambda x: pool(conv(x))
-        plan.set_modules(plan.modules + (p,))
+        plan.state.modules += (p,)  # its training flag too
         return plan
 
     def extra_repr(self) -> str:
@@ -911,7 +901,7 @@ class _FusedBlock(_FoldedMixin, nn.Module):
         xc, cast = autocast_input(x)
         check_input(self, xc, conv1.in_channels, conv1.weight.dtype, conv1.weight.device, autocast=cast)
         if not self.fuses(xc):
-            if any(m.training for m in self.modules()) and not _compiling():
+            if any(m.training for m in self.modules()) and not torch.compiler.is_compiling():
                 refold(self)  # its BNs may move their statistics unseen: see _TRAINING_FORWARD
             return self._source_cls.forward(self, x)
         if not cast and _plannable(xc):

@@ -519,7 +519,7 @@ def pick_config(
     best, best_key = None, None
     for cfg in config_candidates(m, c_out_g, c_in_g, r, s, dtype):
         pred = predict_config(m, c_out_g, c_in_g, r, s, dtype, cfg, groups=groups, num_sms=sms)
-        cost = max(pred.seconds, (2 if cfg.split_k > 1 else 1) * HOST_LAUNCH_S)
+        cost = max(pred.seconds, host_floor_seconds(cfg.split_k))
         # Picoseconds: equal predictions (two half tiles on an SM against one whole) compare equal. Equal
         # costs (both at the host's floor) go to the shorter kernel time.
         seconds = round(pred.seconds, 12)
@@ -527,6 +527,12 @@ def pick_config(
         if best_key is None or key < best_key:
             best, best_key = cfg, key
     return best
+
+
+def host_floor_seconds(split_k: int) -> float:
+    """The host time of a conv launch's launches (``HOST_LAUNCH_S`` each; a split has two): ``pick_config``
+    ranks a prediction, and the tuner a measured time, by the longer of the kernel time and this."""
+    return (2 if split_k > 1 else 1) * HOST_LAUNCH_S
 
 
 def default_tile(m: int, c_out_g: int, c_in_g: int, r: int, s: int, dtype: torch.dtype) -> ConvConfig:

@@ -547,12 +547,11 @@ def benchmark(launch, configs: list[_conv.ConvConfig]) -> tuple[_conv.ConvConfig
 
 
 def launch_score(config, ms: float) -> tuple[float, float]:
-    """What a tuner ranks a timed candidate by: the longer of its measured kernel time and its launches'
-    host time (``kernels.conv.HOST_LAUNCH_S`` each; a gather split has two), then the kernel time: the rule
-    ``pick_config`` applies to its predictions, with the GPU's own times. At batch 1 a split that the
+    """What a tuner ranks a timed candidate by: the longer of its measured time and its launches' host time
+    (``kernels.conv.host_floor_seconds``; a gather split has two launches), then the measured time: the
+    rule ``pick_config`` applies to its predictions, with the GPU's own times. At batch 1 a split that the
     graph-timed measurement finds a few µs faster is not taken where the host would hide it."""
-    launches = 2 if getattr(config, "split_k", 1) > 1 else 1
-    return max(ms, launches * _conv.HOST_LAUNCH_S * 1e3), ms
+    return max(ms, _conv.host_floor_seconds(getattr(config, "split_k", 1)) * 1e3), ms
 
 
 @contextlib.contextmanager
